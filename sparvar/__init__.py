@@ -1,0 +1,1 @@
+"""SparVAR: sparse attention for visual autoregressive models."""
