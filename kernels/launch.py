@@ -15,6 +15,14 @@ __all__ = ["KernelLaunchError", "check_kernel_inputs", "sparse_attn_fwd", "colum
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+#: Tests set this so every output starts as NaN and an element a kernel never writes fails.
+poison_outputs = False
+
+
+def _empty(*args, **kwargs) -> torch.Tensor:
+    t = torch.empty(*args, **kwargs)
+    return t.fill_(float("nan")) if poison_outputs else t
+
 
 class KernelLaunchError(RuntimeError):
     """A kernel failed to compile or launch with a given config (e.g. out of shared memory)."""
@@ -62,8 +70,8 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: T
     q_idx, kv_idx, kv_len = (to_device(t, dev) for t in (tables.q_idx, tables.kv_idx, tables.kv_len))
     kv_bits = to_device(tables.kv_bits, dev) if token_mask else kv_idx
     tile_src = to_device(tables.tile_src, dev) if kept is not None else kv_len
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(B, H, NQ, device=dev, dtype=torch.float32) if store_lse else out
+    out = _empty(B, H, NQ, D, device=dev, dtype=q.dtype)
+    lse = _empty(B, H, NQ, device=dev, dtype=torch.float32) if store_lse else out
     res_t = res if res is not None else out
     res_idx, res_w = (to_device(t, dev) for t in res_tables) if res_tables is not None else (kv_len, kv_len)
     kept_t = kept if kept is not None else kv_len
@@ -85,7 +93,7 @@ def column_scores_fwd(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale
     B, H, NQ, D = q.shape
     L = k.shape[2]
     n_groups = -(-NQ // group_size)
-    scores = torch.empty(B, H, n_groups, L, device=q.device, dtype=torch.float32)
+    scores = _empty(B, H, n_groups, L, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(L, config.block_n), n_groups, B * H)
     _launch(_column_scores_kernel, grid, "cs4a_scores", config,
             q, k, lse, scores, *q.stride(), *k.stride(), H, L, NQ, n_groups, group_size, scale * LOG2E,

@@ -1,0 +1,206 @@
+"""Kernels against the float64 reference: in Triton's interpreter on the CPU (fp32/fp16), and on
+a CUDA GPU (bf16/fp16, ``-m gpu``) at Infinity 1024 shapes."""
+
+import pytest
+import torch
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+import sparvar.kernels as K
+import sparvar.reference as R
+from sparvar.kernels import launch
+from assertions import assert_close
+from strategies import cs4a_params, csla_params, schedules, seeds
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter cannot do bf16 dots.
+DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(launch, "poison_outputs", True)
+
+
+pow2 = st.sampled_from([16, 32, 64])
+
+
+@st.composite
+def configs(draw, tiled=False):
+    bm, bn = draw(pow2), draw(pow2)
+    tw = draw(st.sampled_from([t for t in (1, 2, 4, 8, 16, 32, 64) if t <= bm])) if tiled else 0
+    return K.KernelConfig(bm, bn, draw(st.sampled_from([2, 4])), draw(st.sampled_from([1, 2])),
+                          bm // tw if tiled else 0, tw)
+
+
+def make_qkv(schedule, step, B, H, D, dtype, seed, strided=False, device=DEVICE):
+    """Inputs in ``dtype`` and their exact float64 copies; ``strided`` gives [B, L, H, D] storage."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for n in (schedule.num_queries(step), schedule.num_keys(step), schedule.num_keys(step)):
+        shape = (B, n, H, D) if strided else (B, H, n, D)
+        t = torch.randn(*shape, generator=g).to(dtype).to(device)
+        out.append(t.transpose(1, 2) if strided else t)
+    return out, [t.double().cpu() for t in out]
+
+
+@st.composite
+def csla_cases(draw, max_tokens=300):
+    s = draw(schedules(max_side=12, max_scales=6, max_tokens=max_tokens))
+    return s, draw(st.integers(0, s.num_scales - 1)), draw(csla_params(s.num_scales))
+
+
+common = dict(bh=st.tuples(st.integers(1, 2), st.integers(1, 2)), D=st.sampled_from([16, 32, 64]),
+              dtype=st.sampled_from(DTYPES), seed=seeds, strided=st.booleans())
+
+
+@given(case=csla_cases(), cfg=configs(tiled=True), **common)
+@example(case=(R.Schedule([(1, 1)]), 0, R.CSLAParams(0, ())), cfg=K.KernelConfig(16, 16, 4, 1, 4, 4),
+         bh=(1, 1), D=16, dtype=DTYPES[0], seed=0, strided=False)
+@example(case=(R.Schedule([(1, 1), (3, 7)]), 1, R.CSLAParams(1, (3,))), cfg=K.KernelConfig(32, 16, 4, 1, 2, 16),
+         bh=(2, 1), D=32, dtype=DTYPES[-1], seed=1, strided=True)
+@example(case=(R.Schedule([(2, 3), (9, 11)]), 1, R.CSLAParams(1, (5,))), cfg=K.KernelConfig(64, 32, 4, 1, 8, 8),
+         bh=(1, 2), D=64, dtype=DTYPES[0], seed=2, strided=False)
+def test_csla_kernel_matches_reference(case, cfg, bh, D, dtype, seed, strided):
+    s, step, params = case
+    (q, k, v), (q64, k64, v64) = make_qkv(s, step, *bh, D, dtype, seed, strided)
+    out = K.csla_attention(q, k, v, s, step, params, 0.3, config=cfg)
+    assert_close("csla", out, R.csla_attention(q64, k64, v64, s, step, params, 0.3))
+
+
+@st.composite
+def decision_cases(draw, max_tokens=300):
+    s = draw(schedules(max_side=12, max_scales=6, max_tokens=max_tokens))
+    return s, draw(cs4a_params(s.num_scales))
+
+
+def _configs(cfg):
+    return {kind: cfg for kind in K.STEP_KINDS}
+
+
+@given(case=decision_cases(), cfg=configs(), **common)
+def test_column_scores_match_reference(case, cfg, bh, D, dtype, seed, strided):
+    s, params = case
+    d = params.decision_scale
+    (q, k, _), (q64, k64, _) = make_qkv(s, d, *bh, D, dtype, seed, strided)
+    got = K.column_scores(q, k, 0.4, params.group_size, configs=_configs(cfg))
+    # Scores sum up to group_size probabilities: compare relative to the group size.
+    want = R.column_scores(q64, k64, 0.4, params.group_size)
+    assert_close("column scores / group size", got / params.group_size, want / params.group_size, dtype)
+
+
+@given(case=decision_cases(), cfg=configs(), **common)
+@example(case=(R.Schedule([(2, 2), (5, 3)]), R.CS4AParams(0, 3, 0.5, (1,))), cfg=K.KernelConfig(16, 16, 4, 1),
+         bh=(1, 1), D=16, dtype=DTYPES[0], seed=3, strided=False)
+@example(case=(R.Schedule([(3, 3), (4, 4), (9, 7)]), R.CS4AParams(1, 5, 0.3, (3,))), cfg=K.KernelConfig(32, 16, 4, 1),
+         bh=(2, 2), D=32, dtype=DTYPES[-1], seed=4, strided=True)
+def test_selected_attention_and_sparse_step_given_reference_state(case, cfg, bh, D, dtype, seed, strided):
+    s, params = case
+    d = params.decision_scale
+    (q, k, v), (q64, k64, v64) = make_qkv(s, d, *bh, D, dtype, seed, strided)
+    _, state = R.cs4a_decide(q64, k64, v64, s, d, params, 0.4)
+    got = K.selected_attention(q, k, v, s, d, params, state.kept, 0.4, configs=_configs(cfg))
+    assert_close("O_sel at d", got, R.selected_attention(q64, k64, v64, s, d, params, state.kept, 0.4))
+    if state.residual is not None:
+        state.residual = state.residual.to(dtype)
+    for step in range(d + 1, s.num_scales):
+        (q, k, v), (q64, k64, v64) = make_qkv(s, step, *bh, D, dtype, seed + step, strided)
+        got = K.cs4a_sparse(q, k, v, s, step, params, K_state(state, DEVICE), 0.4, configs=_configs(cfg))
+        ref_state = R.CS4AState(d, state.kept, None if state.residual is None else state.residual.double())
+        want = R.cs4a_sparse(q64, k64, v64, s, step, params, ref_state, 0.4)
+        assert_close(f"cs4a_sparse step {step}", got, want)
+
+
+def K_state(state, device):
+    res = None if state.residual is None else state.residual.to(device)
+    return R.CS4AState(state.decision_scale, state.kept.to(device), res)
+
+
+def _score_gap(scores, n_keep):
+    top = torch.sort(scores, dim=-1, descending=True).values
+    if n_keep == scores.shape[-1]:
+        return float("inf")
+    return (top[..., n_keep - 1] - top[..., n_keep]).min().item()
+
+
+@given(case=decision_cases(max_tokens=200), cfg=configs(), bh=common["bh"], D=common["D"], seed=seeds)
+def test_whole_cs4a_path_on_well_separated_scores(case, cfg, bh, D, seed):
+    s, params = case
+    d = params.decision_scale
+    dtype = torch.float32
+    (q, k, v), (q64, k64, v64) = make_qkv(s, d, *bh, D, dtype, seed)
+    n_keep = R.num_keep(k.shape[2], params.keep_ratio)
+    assume(_score_gap(R.column_scores(q64, k64, 0.4, params.group_size), n_keep) > 1e-4)
+    out, state = K.cs4a_decide(q, k, v, s, d, params, 0.4, configs=_configs(cfg))
+    ref_out, ref_state = R.cs4a_decide(q64, k64, v64, s, d, params, 0.4)
+    assert_close("O_dense", out, ref_out)
+    assert torch.equal(state.kept.long().cpu(), ref_state.kept)
+    if params.residual:
+        assert_close("R", state.residual, ref_state.residual)
+    for step in range(d + 1, s.num_scales):
+        (q, k, v), (q64, k64, v64) = make_qkv(s, step, *bh, D, dtype, seed + step)
+        got = K.cs4a_sparse(q, k, v, s, step, params, state, 0.4, configs=_configs(cfg))
+        assert_close(f"cs4a step {step}", got, R.cs4a_sparse(q64, k64, v64, s, step, params, ref_state, 0.4))
+
+
+def test_bad_inputs_are_named():
+    s = R.Schedule([(1, 1), (2, 2)])
+    (q, k, v), _ = make_qkv(s, 1, 1, 1, 16, torch.float32, 0)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        K.csla_attention(q.double(), k.double(), v.double(), s, 1)
+    with pytest.raises(ValueError, match="head dim must be a power of two"):
+        K.csla_attention(q[..., :12], k[..., :12], v[..., :12], s, 1)
+    with pytest.raises(ValueError, match="q has 5 tokens"):
+        K.csla_attention(torch.cat([q, q[:, :, :1]], 2), k, v, s, 1)
+    with pytest.raises(ValueError, match="share a dtype"):
+        K.csla_attention(q.half(), k, v, s, 1)
+    with pytest.raises(ValueError, match="tile_h \\* tile_w == block_m"):
+        K.KernelConfig(64, 64, 4, 2, 4, 4)
+    with pytest.raises(ValueError, match="'block_n' must be a power of two"):
+        K.KernelConfig(64, 48)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="cannot do bfloat16"):
+            K.csla_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), s, 1)
+
+
+# GPU: Infinity 1024 shapes (scales 10-12, H = 16 and 28, D = 128), bf16 and fp16. The float64
+# reference runs head by head on the GPU with each token mask built once.
+def _by_head(fn, *tensors):
+    return torch.cat([fn(*(t[:, h:h + 1].double() for t in tensors), h) for h in range(tensors[0].shape[1])], 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 28])
+@pytest.mark.parametrize("step", [10, 11, 12])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_csla_at_infinity_1024(step, heads, dtype):
+    s = R.infinity_schedule()
+    (q, k, v), _ = make_qkv(s, step, 2, heads, 128, dtype, step, device="cuda")
+    out = K.csla_attention(q, k, v, s, step)
+    mask = R.csla_mask(s, step, R.CSLAParams()).cuda()
+    assert_close("csla", out, _by_head(lambda a, b, c, h: R.masked_attention(a, b, c, mask, 1.0)[0], q, k, v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 28])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cs4a_at_infinity_1024(heads, dtype):
+    s, params = R.infinity_schedule(), R.CS4AParams()
+    (q, k, v), _ = make_qkv(s, 10, 2, heads, 128, dtype, 1, device="cuda")
+    scores = K.column_scores(q, k, 1.0, params.group_size)
+    want = _by_head(lambda a, b, h: R.column_scores(a, b, 1.0, params.group_size), q, k)
+    assert_close("column scores / group size", scores / 192, want / 192, dtype)
+    out, state = K.cs4a_decide(q, k, v, s, 10, params)
+    dense = _by_head(lambda a, b, c, h: R.dense_attention(a, b, c, 1.0), q, k, v)
+    assert_close("O_dense", out, dense)
+    kept = state.kept.long()
+    sel = K.selected_attention(q, k, v, s, 10, params, kept)
+    want_sel = _by_head(lambda a, b, c, h: R.selected_attention(a, b, c, s, 10, params, kept[:, h:h + 1]), q, k, v)
+    assert_close("O_sel", sel, want_sel)
+    assert_close("R", state.residual.reshape_as(out), dense - want_sel, dtype)
+    for step in (11, 12):
+        (q, k, v), _ = make_qkv(s, step, 2, heads, 128, dtype, step, device="cuda")
+        got = K.cs4a_sparse(q, k, v, s, step, params, state)
+        want = _by_head(lambda a, b, c, h: R.cs4a_sparse(
+            a, b, c, s, step, params, R.CS4AState(10, kept[:, h:h + 1], state.residual[:, h:h + 1].double())), q, k, v)
+        assert_close(f"cs4a_sparse step {step}", got, want)
