@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 __all__ = ["KernelConfig", "STEP_KINDS", "default_config"]
 
+#: Dense attention with log-sum-exp for the CS4A decision step may come from a library
+#: (cuDNN or flash SDPA, CUDA and fp16/bf16 only) or from the Triton kernel.
+BACKENDS = ("triton", "cudnn", "flash")
 #: The kernel launches a plan can use; each has its own config.
 STEP_KINDS = ("csla", "cs4a_dense", "cs4a_scores", "cs4a_select", "cs4a_sparse")
 
@@ -14,7 +17,8 @@ STEP_KINDS = ("csla", "cs4a_dense", "cs4a_scores", "cs4a_select", "cs4a_sparse")
 class KernelConfig:
     """``block_m`` queries and ``block_n`` keys per block (powers of two, 16..256), ``num_warps``
     (1, 2, 4, 8, 16), ``num_stages`` (1..6). CSLA tiles are ``tile_h x tile_w`` query patches
-    with ``tile_h * tile_w == block_m``; other kinds leave both 0."""
+    with ``tile_h * tile_w == block_m``; other kinds leave both 0. ``backend`` (``cs4a_dense``
+    only): ``triton``, ``cudnn`` or ``flash``."""
 
     block_m: int = 64
     block_n: int = 64
@@ -22,9 +26,14 @@ class KernelConfig:
     num_stages: int = 2
     tile_h: int = 0
     tile_w: int = 0
+    backend: str = "triton"
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"kernel config field 'backend' must be one of {list(BACKENDS)}, got {self.backend!r}")
         for f in fields(self):
+            if f.name == "backend":
+                continue
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"kernel config field {f.name!r} must be an int, got {v!r}")
@@ -49,8 +58,7 @@ class KernelConfig:
         while tw * tw < self.block_m:
             tw *= 2
         tw = min(tw, _pow2_at_least(w), self.block_m)
-        return KernelConfig(self.block_m, self.block_n, self.num_warps, self.num_stages,
-                            self.block_m // tw, tw)
+        return replace(self, tile_h=self.block_m // tw, tile_w=tw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +84,7 @@ def _pow2_at_least(n: int) -> int:
 # same tiles, the interpreter does not care.
 _DEFAULTS = {
     "csla": KernelConfig(64, 64, 4, 3, 8, 8),
-    "cs4a_dense": KernelConfig(128, 64, 8, 3),
+    "cs4a_dense": KernelConfig(128, 64, 8, 3, backend="cudnn"),
     "cs4a_scores": KernelConfig(64, 128, 8, 2),
     "cs4a_select": KernelConfig(64, 64, 4, 3),
     "cs4a_sparse": KernelConfig(64, 64, 4, 3),

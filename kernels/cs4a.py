@@ -9,8 +9,8 @@ from sparvar.reference import CS4AParams, CS4AState, Schedule, check_step_inputs
 from sparvar.reference.cs4a import _check_decision, check_state
 
 from .config import KernelConfig, default_config
-from .launch import check_kernel_inputs, column_scores_fwd, sparse_attn_fwd
-from .tiles import dense_tiles, group_tiles, residual_tables
+from .launch import check_device, check_kernel_inputs, column_scores_fwd, dense_lse_fwd, select_topk_fwd, sparse_attn_fwd
+from .tiles import group_tiles, residual_tables
 
 __all__ = ["column_scores", "select_keys", "selected_attention", "cs4a_decide", "cs4a_sparse"]
 
@@ -21,26 +21,23 @@ def _cfg(configs: Configs | None, kind: str) -> KernelConfig:
     return (configs or {}).get(kind) or default_config(kind)
 
 
-def _dense_with_lse(q, k, v, scale, cfg):
-    return sparse_attn_fwd(q, k, v, dense_tiles(q.shape[2], cfg.block_m), cfg, scale, name="cs4a_dense",
-                           kv_dense=True, store_lse=True)
-
-
 def column_scores(q: torch.Tensor, k: torch.Tensor, scale: float, group_size: int, *,
                   configs: Configs | None = None) -> torch.Tensor:
     """Column scores ``[B, H, n_groups, L]`` (fp32), each query's probabilities normalised by
     its full softmax: a dense pass gives the log-sum-exp, a second pass sums
     ``exp(s - lse)`` over each group's queries, one key block per program (no atomics)."""
     check_kernel_inputs(q, k)
-    dense = _cfg(configs, "cs4a_dense")
-    _, lse = _dense_with_lse(q, k, k, scale, dense)
+    _, lse = dense_lse_fwd(q, k, k, scale, _cfg(configs, "cs4a_dense"))
     return column_scores_fwd(q, k, lse, scale, group_size, _cfg(configs, "cs4a_scores"))
 
 
 def select_keys(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Top-``n_keep`` per row, ties to the lower index, ascending, as int32 (for the kernels)."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_keep]
-    return torch.sort(order, dim=-1).values.to(torch.int32)
+    """Top-``n_keep`` of each row of non-negative scores, ties to the lower index, ascending,
+    as int32 (twin of the reference's ``select_keys``): one program per row bisects the bits."""
+    if not isinstance(n_keep, int) or not 1 <= n_keep <= scores.shape[-1]:
+        raise ValueError(f"n_keep must be an int in [1, {scores.shape[-1]}], got {n_keep!r}")
+    check_device(scores)
+    return select_topk_fwd(scores.float(), n_keep)
 
 
 def _kept_table(kept: torch.Tensor) -> torch.Tensor:
@@ -85,7 +82,7 @@ def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     check_step_inputs(q, k, v, schedule, step)
     check_kernel_inputs(q, k, v)
     _check_decision(step, params, after=False)
-    out, lse = _dense_with_lse(q, k, v, scale, _cfg(configs, "cs4a_dense"))
+    out, lse = dense_lse_fwd(q, k, v, scale, _cfg(configs, "cs4a_dense"))
     scores = column_scores_fwd(q, k, lse, scale, params.group_size, _cfg(configs, "cs4a_scores"))
     kept = select_keys(scores, num_keep(k.shape[2], params.keep_ratio))
     residual = None

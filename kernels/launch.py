@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
 
 from .config import KernelConfig
-from .sparse_attn import LOG2E, _column_scores_kernel, _sparse_attn_fwd_kernel
+from .sparse_attn import LOG2E, _column_scores_kernel, _select_topk_kernel, _sparse_attn_fwd_kernel
 from .tiles import TileTables, to_device
 
-__all__ = ["KernelLaunchError", "check_kernel_inputs", "sparse_attn_fwd", "column_scores_fwd", "interpreting"]
+__all__ = ["KernelLaunchError", "check_kernel_inputs", "sparse_attn_fwd", "column_scores_fwd", "select_topk_fwd",
+           "dense_lse_fwd", "interpreting"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-#: Tests set this so every output starts as NaN and an element a kernel never writes fails.
+#: Tests set this so every output starts as NaN (indices as -1) and an element a kernel never
+#: writes fails.
 poison_outputs = False
 
 
 def _empty(*args, **kwargs) -> torch.Tensor:
     t = torch.empty(*args, **kwargs)
-    return t.fill_(float("nan")) if poison_outputs else t
+    if poison_outputs:
+        t.fill_(float("nan") if t.is_floating_point() else -1)
+    return t
 
 
 class KernelLaunchError(RuntimeError):
@@ -40,13 +45,17 @@ def check_kernel_inputs(*tensors: torch.Tensor) -> None:
     D = q.shape[-1]
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
+    check_device(q)
+    if interpreting() and q.dtype == torch.bfloat16:
+        raise ValueError("Triton's interpreter cannot do bfloat16 dots; use float16 or float32 on the CPU")
+
+
+def check_device(t: torch.Tensor) -> None:
     if interpreting():
-        if q.device.type != "cpu":
-            raise ValueError(f"TRITON_INTERPRET=1 runs kernels on CPU tensors, got {q.device}")
-        if q.dtype == torch.bfloat16:
-            raise ValueError("Triton's interpreter cannot do bfloat16 dots; use float16 or float32 on the CPU")
-    elif q.device.type != "cuda":
-        raise ValueError(f"kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {q.device}")
+        if t.device.type != "cpu":
+            raise ValueError(f"TRITON_INTERPRET=1 runs kernels on CPU tensors, got {t.device}")
+    elif t.device.type != "cuda":
+        raise ValueError(f"kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {t.device}")
 
 
 def _launch(kernel, grid, name: str, config: KernelConfig, *args, **kwargs) -> None:
@@ -99,3 +108,52 @@ def column_scores_fwd(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale
             q, k, lse, scores, *q.stride(), *k.stride(), H, L, NQ, n_groups, group_size, scale * LOG2E,
             BM=config.block_m, BN=config.block_n, D=D, IEEE=q.dtype == torch.float32)
     return scores
+
+
+# Rows longer than this fall back to a stable sort (the bisection keeps a row in registers).
+_TOPK_MAX_LEN = 32768
+
+
+def select_topk_fwd(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """``[..., L]`` non-negative scores -> ``[..., n_keep]`` int32 indices, ascending, ties to the
+    lower index (SPEC section 4, step 3)."""
+    L = scores.shape[-1]
+    if L > _TOPK_MAX_LEN:
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_keep]
+        return torch.sort(order, dim=-1).values.to(torch.int32)
+    rows = scores.reshape(-1, L).contiguous()
+    kept = _empty(*scores.shape[:-1], n_keep, device=scores.device, dtype=torch.int32)
+    BL = triton.next_power_of_2(L)
+    _launch(_select_topk_kernel, (rows.shape[0],), "cs4a_topk", KernelConfig(16, 16, 8 if BL >= 4096 else 4, 1),
+            rows, kept, L, n_keep, BL=BL)
+    return kept
+
+
+_warned_backends: set = set()
+
+
+def dense_lse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: KernelConfig):
+    """Dense attention and its log-sum-exp ``[B, H, Lq]`` (fp32, natural log).
+
+    ``config.backend`` picks cuDNN or flash SDPA (their LSE outputs) or the Triton kernel; the
+    library backends need CUDA and fp16/bf16, otherwise the Triton kernel runs (same function).
+    """
+    backend = config.backend
+    if backend != "triton" and (q.device.type != "cuda" or q.dtype == torch.float32 or interpreting()):
+        backend = "triton"
+    try:
+        if backend == "cudnn":
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+            return out, lse.reshape(q.shape[:3]).float().contiguous()
+        if backend == "flash":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+            return out, lse.reshape(q.shape[:3]).float().contiguous()
+    except RuntimeError as e:
+        if backend not in _warned_backends:
+            _warned_backends.add(backend)
+            warnings.warn(f"{backend} attention is unavailable here ({e}); using the Triton kernel", stacklevel=2)
+    from .tiles import dense_tiles
+
+    return sparse_attn_fwd(q, k, v, dense_tiles(q.shape[2], config.block_m), config, scale, name="cs4a_dense",
+                           kv_dense=True, store_lse=True)

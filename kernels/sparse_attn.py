@@ -165,3 +165,30 @@ def _column_scores_kernel(
         b_p = tl.where(m_m[:, None] & m_n[None, :], b_p, 0.0)
         b_c += tl.sum(b_p, 0)
     tl.store(scores + (i_bh.to(tl.int64) * n_groups + i_g) * L + o_n, b_c, mask=m_n)
+
+
+@triton.jit
+def _select_topk_kernel(scores, kept, L, n_keep, BL: tl.constexpr):
+    """Per row: indices of the ``n_keep`` largest scores, ties to the lower index, ascending.
+
+    Scores are non-negative floats, whose bit patterns order like the floats, so a 31-step
+    bisection on the bits finds the ``n_keep``-th largest value exactly; ties at that value are
+    taken in index order, and a prefix sum compacts the chosen indices in ascending order.
+    """
+    i_row = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, BL)
+    m = o < L
+    b_s = tl.load(scores + i_row * L + o, mask=m, other=-1.0)
+    bits = b_s.to(tl.int32, bitcast=True)
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.full([], 0x7F800001, dtype=tl.int32)
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= n_keep
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = bits > lo
+    ties = (bits == lo).to(tl.int32)
+    take = above | ((bits == lo) & (tl.cumsum(ties, 0) <= n_keep - tl.sum(above.to(tl.int32), 0)))
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(kept + i_row * n_keep + pos, o, mask=take)

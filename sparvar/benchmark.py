@@ -54,6 +54,11 @@ def _flex_runner(mask: torch.Tensor, B: int, H: int, nq: int, nk: int):
     """Compiled FlexAttention with ``mask`` ([nq, nk] or [B, H, nq, nk]); best of two block sizes."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # One compiled graph per shape and mask: lift dynamo's recompile limit, which otherwise sends
+    # later shapes to the unfused fallback (seen at H=28 after 8 shapes).
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
     flex = torch.compile(flex_attention, dynamic=False)
     if mask.dim() == 2:
         def mask_mod(b, h, q_idx, kv_idx):
@@ -123,6 +128,7 @@ def run_attention_benchmark(heads=(16, 28), steps=(10, 11, 12), out_dir: str | P
                 err = _check("cs4a_decide", K.cs4a_decide(q, k, v, s, d, cs4a)[0], ref)
                 t = _bench(lambda: K.cs4a_decide(q, k, v, s, d, cs4a))
                 rows.append(_row(H, step, "ours_cs4a_decide", t, dense_pairs, dense_pairs, B, H, D, err, base))
+                rows += _decision_parts(q, k, v, s, d, cs4a, H, B, D, base)
             else:
                 kept = state.kept[:, :1].long()
                 ref_state = R.CS4AState(d, kept, state.residual[:, :1].double())
@@ -140,6 +146,30 @@ def run_attention_benchmark(heads=(16, 28), steps=(10, 11, 12), out_dir: str | P
     print_table(result)
     print(f"wrote {path}")
     return result
+
+
+def _decision_parts(q, k, v, s, d, cs4a, H, B, D, base) -> list[dict]:
+    """Time each pass of the decision step alone, to show where its time goes."""
+    from sparvar.kernels.cs4a import _cfg, _kept_table
+    from sparvar.kernels.launch import column_scores_fwd, dense_lse_fwd, select_topk_fwd, sparse_attn_fwd
+    from sparvar.kernels.tiles import group_tiles
+
+    nq, nk = q.shape[2], k.shape[2]
+    out, lse = dense_lse_fwd(q, k, v, 1.0, _cfg(None, "cs4a_dense"))
+    scores = column_scores_fwd(q, k, lse, 1.0, cs4a.group_size, _cfg(None, "cs4a_scores"))
+    n_keep = R.num_keep(nk, cs4a.keep_ratio)
+    kept = select_topk_fwd(scores, n_keep)
+    cfg = _cfg(None, "cs4a_select")
+    tables = group_tiles(s, d, cs4a, cfg.block_m, cfg.block_n)
+    parts = {
+        "part_dense_lse": (lambda: dense_lse_fwd(q, k, v, 1.0, _cfg(None, "cs4a_dense")), nq * nk),
+        "part_scores": (lambda: column_scores_fwd(q, k, lse, 1.0, cs4a.group_size, _cfg(None, "cs4a_scores")), nq * nk / 2),
+        "part_topk": (lambda: select_topk_fwd(scores, n_keep), 0),
+        "part_select_residual": (lambda: sparse_attn_fwd(q, k, v, tables, cfg, 1.0, name="cs4a_select",
+                                                         kept=_kept_table(kept), epilogue=2, res=out), nq * n_keep),
+    }
+    return [_row(H, d, name, _bench(fn), pairs, nq * nk, B, H, D, float("nan"), base)
+            for name, (fn, pairs) in parts.items()]
 
 
 def _row(H, step, name, ms, pairs, dense_pairs, B, heads, D, err, base, flex_key=None) -> dict:

@@ -204,3 +204,15 @@ def test_gpu_cs4a_at_infinity_1024(heads, dtype):
         want = _by_head(lambda a, b, c, h: R.cs4a_sparse(
             a, b, c, s, step, params, R.CS4AState(10, kept[:, h:h + 1], state.residual[:, h:h + 1].double())), q, k, v)
         assert_close(f"cs4a_sparse step {step}", got, want)
+
+
+@given(rows=st.integers(1, 4), L=st.integers(1, 300), data=st.data())
+def test_topk_selection_matches_reference_including_ties(rows, L, data):
+    # Few distinct values force many ties at the threshold.
+    levels = data.draw(st.sampled_from([2, 5, 1000]))
+    values = data.draw(st.lists(st.integers(0, levels), min_size=rows * L, max_size=rows * L))
+    scores = torch.tensor(values, dtype=torch.float32).reshape(rows, L).to(DEVICE) / levels
+    n_keep = data.draw(st.integers(1, L))
+    got = K.select_keys(scores, n_keep)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.long().cpu(), R.select_keys(scores.cpu().double(), n_keep))
