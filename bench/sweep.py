@@ -13,8 +13,8 @@ import triton
 
 import sparvar.kernels as K
 import sparvar.reference as R
-from sparvar.kernels.cs4a import _kept_table
-from sparvar.kernels.launch import KernelLaunchError, column_scores_fwd, dense_lse_fwd, sparse_attn_fwd
+from sparvar.kernels.cs4a import _kept_table, scores_from_lse
+from sparvar.kernels.launch import KernelLaunchError, dense_lse_fwd, sparse_attn_fwd
 from sparvar.kernels.tiles import group_tiles
 
 
@@ -34,7 +34,7 @@ def runners(H):
     return {
         "csla": lambda c: K.csla_attention(q12, k12, v12, s, 12, plan.csla, config=c),
         "cs4a_sparse": lambda c: K.cs4a_sparse(q12, k12, v12, s, 12, cs4a, state, configs={"cs4a_sparse": c}),
-        "cs4a_scores": lambda c: column_scores_fwd(qd, kd, lse, 1.0, cs4a.group_size, c),
+        "cs4a_scores": lambda c: scores_from_lse(qd, kd, lse, 1.0, cs4a.group_size, {"cs4a_scores": c}),
         "cs4a_select": lambda c: sparse_attn_fwd(qd, kd, vd, group_tiles(s, d, cs4a, c.block_m, c.block_n), c, 1.0,
                                                  name="sel", kept=_kept_table(state.kept), epilogue=2, res=out)[0],
         "cs4a_dense": lambda c: dense_lse_fwd(qd, kd, vd, 1.0, c)[0],

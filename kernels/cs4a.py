@@ -24,11 +24,19 @@ def _cfg(configs: Configs | None, kind: str) -> KernelConfig:
 def column_scores(q: torch.Tensor, k: torch.Tensor, scale: float, group_size: int, *,
                   configs: Configs | None = None) -> torch.Tensor:
     """Column scores ``[B, H, n_groups, L]`` (fp32), each query's probabilities normalised by
-    its full softmax: a dense pass gives the log-sum-exp, a second pass sums
-    ``exp(s - lse)`` over each group's queries, one key block per program (no atomics)."""
+    its full softmax: a dense pass gives the log-sum-exp, a second pass sums ``exp(s - lse)``
+    over the queries of each tile, and tiles are added per group (no atomics)."""
     check_kernel_inputs(q, k)
     _, lse = dense_lse_fwd(q, k, k, scale, _cfg(configs, "cs4a_dense"))
-    return column_scores_fwd(q, k, lse, scale, group_size, _cfg(configs, "cs4a_scores"))
+    return scores_from_lse(q, k, lse, scale, group_size, configs)
+
+
+def scores_from_lse(q, k, lse, scale, group_size, configs=None):
+    """The column-score pass alone, given the dense pass's log-sum-exp ``[B, H, Lq]``."""
+    cfg = _cfg(configs, "cs4a_scores")
+    # The tiles only depend on the query count and group size: a one-scale schedule describes them.
+    tables = group_tiles(Schedule([(1, q.shape[2])]), 0, CS4AParams(0, group_size, 1.0, ()), cfg.block_m, cfg.block_n)
+    return column_scores_fwd(q, k, lse, scale, tables, group_size, cfg)
 
 
 def select_keys(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -83,7 +91,7 @@ def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     check_kernel_inputs(q, k, v)
     _check_decision(step, params, after=False)
     out, lse = dense_lse_fwd(q, k, v, scale, _cfg(configs, "cs4a_dense"))
-    scores = column_scores_fwd(q, k, lse, scale, params.group_size, _cfg(configs, "cs4a_scores"))
+    scores = scores_from_lse(q, k, lse, scale, params.group_size, configs)
     kept = select_keys(scores, num_keep(k.shape[2], params.keep_ratio))
     residual = None
     if params.residual:

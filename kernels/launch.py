@@ -96,18 +96,22 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: T
     return out, (lse if store_lse else None)
 
 
-def column_scores_fwd(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, group_size: int,
-                      config: KernelConfig) -> torch.Tensor:
-    """``[B, H, n_groups, L]`` fp32 column scores normalised by ``lse`` (natural log)."""
+def column_scores_fwd(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, tables: TileTables,
+                      group_size: int, config: KernelConfig) -> torch.Tensor:
+    """``[B, H, n_groups, L]`` fp32 column scores normalised by ``lse`` (natural log).
+
+    ``tables``: group tiles of the decision scale (``group_tiles``) with ``config.block_m``.
+    Per-tile partial sums are added per group in tile order (deterministic, no atomics).
+    """
     B, H, NQ, D = q.shape
-    L = k.shape[2]
-    n_groups = -(-NQ // group_size)
-    scores = _empty(B, H, n_groups, L, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(L, config.block_n), n_groups, B * H)
-    _launch(_column_scores_kernel, grid, "cs4a_scores", config,
-            q, k, lse, scores, *q.stride(), *k.stride(), H, L, NQ, n_groups, group_size, scale * LOG2E,
-            BM=config.block_m, BN=config.block_n, D=D, IEEE=q.dtype == torch.float32)
-    return scores
+    L, T = k.shape[2], tables.num_tiles
+    partial = _empty(B * H, T + 1, L, device=q.device, dtype=torch.float32)
+    partial[:, T].zero_()
+    _launch(_column_scores_kernel, (T, B * H), "cs4a_scores", config,
+            q, k, lse, partial, to_device(tables.q_idx, q.device), *q.stride(), *k.stride(),
+            H, L, NQ, T + 1, scale * LOG2E, BM=config.block_m, BN=config.block_n, D=D, IEEE=q.dtype == torch.float32)
+    scores = partial[:, to_device(tables.members, q.device)].sum(dim=2)
+    return scores.reshape(B, H, -1, L)
 
 
 # Rows longer than this fall back to a stable sort (the bisection keeps a row in registers).

@@ -133,38 +133,41 @@ def _sparse_attn_fwd_kernel(
 
 @triton.jit
 def _column_scores_kernel(
-    q, k, lse, scores,
+    q, k, lse, partial, q_idx,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
-    H, L, NQ, n_groups, group_size, qk_scale,
+    H, L, NQ, T, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """``scores[bh, G, key] = sum_{q in G} exp(s[q, key] - lse[q])`` for one key block of one group."""
-    i_n, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """``partial[bh, t, key] = sum_{q in tile t} exp(s[q, key] - lse[q])``.
+
+    One program per (query tile, batch*head) walks all keys like a flash-attention forward pass
+    (the tile's queries stay in registers, keys stream through); tiles never straddle a group, so
+    a group's score is the sum of its tiles' rows, added in a fixed order by the caller.
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    o_m = tl.arange(0, BM)
     o_d = tl.arange(0, D)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < L
-    k += i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    b_qi = tl.load(q_idx + i_t * BM + o_m)
+    m_q = b_qi >= 0
     q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    b_k = tl.load(k + o_n.to(tl.int64)[:, None] * stride_kl + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
-    b_c = tl.zeros([BN], dtype=tl.float32)
-    g_start = i_g * group_size
-    g_stop = tl.minimum(g_start + group_size, NQ)
-    for start in range(g_start, g_stop, BM):
-        o_m = start + tl.arange(0, BM)
-        m_m = o_m < g_stop
-        b_q = tl.load(q + o_m.to(tl.int64)[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)
-        b_lse = tl.load(lse + i_bh.to(tl.int64) * NQ + o_m, mask=m_m, other=float("inf"))
+    k += i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    b_q = tl.load(q + b_qi.to(tl.int64)[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_q[:, None], other=0.0)
+    # Invalid rows get lse = +inf so their probabilities are exactly 0.
+    b_lse2 = tl.load(lse + i_bh.to(tl.int64) * NQ + b_qi, mask=m_q, other=float("inf")) * 1.4426950408889634
+    p_out = partial + (i_bh.to(tl.int64) * T + i_t) * L
+    for start in range(0, L, BN):
+        o_n = start + tl.arange(0, BN)
+        m_n = o_n < L
+        b_k = tl.load(k + o_n.to(tl.int64)[:, None] * stride_kl + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
         # [BM, BN]
         if IEEE:
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
         else:
             b_s = tl.dot(b_q, tl.trans(b_k))
-        b_p = tl.exp2(b_s * qk_scale - (b_lse * 1.4426950408889634)[:, None])
-        b_p = tl.where(m_m[:, None] & m_n[None, :], b_p, 0.0)
-        b_c += tl.sum(b_p, 0)
-    tl.store(scores + (i_bh.to(tl.int64) * n_groups + i_g) * L + o_n, b_c, mask=m_n)
+        b_p = tl.exp2(b_s * qk_scale - b_lse2[:, None])
+        tl.store(p_out + o_n, tl.sum(b_p, 0), mask=m_n)
 
 
 @triton.jit

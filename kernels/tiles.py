@@ -25,13 +25,15 @@ class TileTables:
     """``q_idx [T, BM]`` query indices (-1 = empty slot); ``kv_idx [T, NK]`` key indices
     (-1 = padding, NK a multiple of BN); ``kv_len [T]`` entries used per tile; ``kv_bits
     [T, NK, BM // 64 or 1]`` int64 masks (bit s: slot s may see the key) or ``None``;
-    ``tile_src [T]`` the decision group whose kept set a tile uses, or ``None``."""
+    ``tile_src [T]`` the decision group whose kept set a tile uses, or ``None``; ``members
+    [n_groups, width]`` the tiles of each group of this scale, padded with ``T`` (group tiles only)."""
 
     q_idx: torch.Tensor
     kv_idx: torch.Tensor
     kv_len: torch.Tensor
     kv_bits: torch.Tensor | None = None
     tile_src: torch.Tensor | None = None
+    members: torch.Tensor | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -130,8 +132,9 @@ def group_tiles(schedule: Schedule, step: int, params: CS4AParams, block_m: int,
     d = params.decision_scale
     src = source_groups(num_groups(schedule.sizes[d], g), n_g) if step > d else torch.arange(n_g)
     ranges = band_ranges(schedule, step, params).numpy() if step > d else None
-    q_rows, kv_rows, tile_src = [], [], []
+    q_rows, kv_rows, tile_src, members = [], [], [], []
     for G in range(n_g):
+        members.append([])
         band = np.zeros(0, np.int64)
         if ranges is not None:
             band = np.concatenate([np.arange(lo, hi + 1) for lo, hi in ranges[G]])
@@ -140,11 +143,14 @@ def group_tiles(schedule: Schedule, step: int, params: CS4AParams, block_m: int,
             q_rows.append(np.concatenate([np.arange(start, stop), np.full(block_m - (stop - start), -1)]))
             kv_rows.append(band.astype(np.int32))
             tile_src.append(int(src[G]))
+            members[G].append(len(q_rows) - 1)
+    width = max(len(m) for m in members)
     return TileTables(
         q_idx=torch.from_numpy(np.stack(q_rows).astype(np.int32)),
         kv_idx=torch.from_numpy(_pad_rows(kv_rows, block_n, -1)),
         kv_len=torch.tensor([len(r) for r in kv_rows], dtype=torch.int32),
         tile_src=torch.tensor(tile_src, dtype=torch.int32),
+        members=torch.tensor([m + [len(q_rows)] * (width - len(m)) for m in members], dtype=torch.long),
     )
 
 

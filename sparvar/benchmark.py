@@ -150,20 +150,20 @@ def run_attention_benchmark(heads=(16, 28), steps=(10, 11, 12), out_dir: str | P
 
 def _decision_parts(q, k, v, s, d, cs4a, H, B, D, base) -> list[dict]:
     """Time each pass of the decision step alone, to show where its time goes."""
-    from sparvar.kernels.cs4a import _cfg, _kept_table
-    from sparvar.kernels.launch import column_scores_fwd, dense_lse_fwd, select_topk_fwd, sparse_attn_fwd
+    from sparvar.kernels.cs4a import _cfg, _kept_table, scores_from_lse
+    from sparvar.kernels.launch import dense_lse_fwd, select_topk_fwd, sparse_attn_fwd
     from sparvar.kernels.tiles import group_tiles
 
     nq, nk = q.shape[2], k.shape[2]
     out, lse = dense_lse_fwd(q, k, v, 1.0, _cfg(None, "cs4a_dense"))
-    scores = column_scores_fwd(q, k, lse, 1.0, cs4a.group_size, _cfg(None, "cs4a_scores"))
+    scores = scores_from_lse(q, k, lse, 1.0, cs4a.group_size)
     n_keep = R.num_keep(nk, cs4a.keep_ratio)
     kept = select_topk_fwd(scores, n_keep)
     cfg = _cfg(None, "cs4a_select")
     tables = group_tiles(s, d, cs4a, cfg.block_m, cfg.block_n)
     parts = {
         "part_dense_lse": (lambda: dense_lse_fwd(q, k, v, 1.0, _cfg(None, "cs4a_dense")), nq * nk),
-        "part_scores": (lambda: column_scores_fwd(q, k, lse, 1.0, cs4a.group_size, _cfg(None, "cs4a_scores")), nq * nk / 2),
+        "part_scores": (lambda: scores_from_lse(q, k, lse, 1.0, cs4a.group_size), nq * nk / 2),
         "part_topk": (lambda: select_topk_fwd(scores, n_keep), 0),
         "part_select_residual": (lambda: sparse_attn_fwd(q, k, v, tables, cfg, 1.0, name="cs4a_select",
                                                          kept=_kept_table(kept), epilogue=2, res=out), nq * n_keep),

@@ -22,7 +22,7 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(launch, "poison_outputs", True)
 
 
-pow2 = st.sampled_from([16, 32, 64])
+pow2 = st.sampled_from([16, 32, 64, 128])
 
 
 @st.composite
