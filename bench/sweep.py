@@ -36,7 +36,7 @@ def runners(H):
         "cs4a_sparse": lambda c: K.cs4a_sparse(q12, k12, v12, s, 12, cs4a, state, configs={"cs4a_sparse": c}),
         "cs4a_scores": lambda c: scores_from_lse(qd, kd, lse, 1.0, cs4a.group_size, {"cs4a_scores": c}),
         "cs4a_select": lambda c: sparse_attn_fwd(qd, kd, vd, group_tiles(s, d, cs4a, c.block_m, c.block_n), c, 1.0,
-                                                 name="sel", kept=_kept_table(state.kept), epilogue=2, res=out)[0],
+                                                 name="sel", kept=_kept_table(state.kept, qd), epilogue=2, res=out)[0],
         "cs4a_dense": lambda c: dense_lse_fwd(qd, kd, vd, 1.0, c)[0],
     }
 

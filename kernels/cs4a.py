@@ -48,7 +48,11 @@ def select_keys(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     return select_topk_fwd(scores.float(), n_keep)
 
 
-def _kept_table(kept: torch.Tensor) -> torch.Tensor:
+def _kept_table(kept: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    if kept.device != q.device:
+        raise ValueError(f"kept key indices are on {kept.device}, the inputs on {q.device}")
+    if kept.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kept key indices must be int32 or int64, got {kept.dtype}")
     B, H = kept.shape[:2]
     return kept.reshape(B * H, *kept.shape[2:]).to(torch.int32).contiguous()
 
@@ -65,7 +69,7 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedu
     kind = "cs4a_select" if step == params.decision_scale else "cs4a_sparse"
     cfg = _cfg(configs, kind)
     tables = group_tiles(schedule, step, params, cfg.block_m, cfg.block_n)
-    out, _ = sparse_attn_fwd(q, k, v, tables, cfg, scale, name=kind, kept=_kept_table(kept),
+    out, _ = sparse_attn_fwd(q, k, v, tables, cfg, scale, name=kind, kept=_kept_table(kept, q),
                              kv_list=step > params.decision_scale)
     return out
 
@@ -97,7 +101,7 @@ def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     if params.residual:
         cfg = _cfg(configs, "cs4a_select")
         tables = group_tiles(schedule, step, params, cfg.block_m, cfg.block_n)
-        res, _ = sparse_attn_fwd(q, k, v, tables, cfg, scale, name="cs4a_select", kept=_kept_table(kept),
+        res, _ = sparse_attn_fwd(q, k, v, tables, cfg, scale, name="cs4a_select", kept=_kept_table(kept, q),
                                  epilogue=2, res=out)
         hd, wd = schedule.grids[step]
         residual = res.reshape(*res.shape[:2], hd, wd, res.shape[3])
@@ -121,6 +125,6 @@ def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
         d = params.decision_scale
         res = state.residual.reshape(*state.residual.shape[:2], -1, state.residual.shape[-1])
         res_tables = residual_tables(schedule.grids[d], schedule.grids[step])
-    out, _ = sparse_attn_fwd(q, k, v, tables, cfg, scale, name="cs4a_sparse", kept=_kept_table(state.kept),
+    out, _ = sparse_attn_fwd(q, k, v, tables, cfg, scale, name="cs4a_sparse", kept=_kept_table(state.kept, q),
                              kv_list=True, epilogue=1 if params.residual else 0, res=res, res_tables=res_tables)
     return out

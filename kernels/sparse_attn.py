@@ -142,8 +142,10 @@ def _column_scores_kernel(
     """``partial[bh, t, key] = sum_{q in tile t} exp(s[q, key] - lse[q])``.
 
     One program per (query tile, batch*head) walks all keys like a flash-attention forward pass
-    (the tile's queries stay in registers, keys stream through); tiles never straddle a group, so
-    a group's score is the sum of its tiles' rows, added in a fixed order by the caller.
+    (the tile's queries stay on chip, keys stream through); tiles never straddle a group, so a
+    group's score is the sum of its tiles' rows, added in a fixed order by the caller. Scores are
+    computed transposed, keys as rows: the per-key sum is then a row reduction inside a warp
+    quad instead of a cross-warp column reduction.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -153,21 +155,21 @@ def _column_scores_kernel(
     m_q = b_qi >= 0
     q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     k += i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    b_q = tl.load(q + b_qi.to(tl.int64)[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_q[:, None], other=0.0)
-    # Invalid rows get lse = +inf so their probabilities are exactly 0.
+    b_qt = tl.load(q + b_qi.to(tl.int64)[None, :] * stride_ql + o_d[:, None] * stride_qd, mask=m_q[None, :], other=0.0)
+    # Invalid queries get lse = +inf so their probabilities are exactly 0.
     b_lse2 = tl.load(lse + i_bh.to(tl.int64) * NQ + b_qi, mask=m_q, other=float("inf")) * 1.4426950408889634
     p_out = partial + (i_bh.to(tl.int64) * T + i_t) * L
     for start in range(0, L, BN):
         o_n = start + tl.arange(0, BN)
         m_n = o_n < L
         b_k = tl.load(k + o_n.to(tl.int64)[:, None] * stride_kl + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
-        # [BM, BN]
+        # [BN, BM]
         if IEEE:
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+            b_st = tl.dot(b_k, b_qt, input_precision="ieee")
         else:
-            b_s = tl.dot(b_q, tl.trans(b_k))
-        b_p = tl.exp2(b_s * qk_scale - b_lse2[:, None])
-        tl.store(p_out + o_n, tl.sum(b_p, 0), mask=m_n)
+            b_st = tl.dot(b_k, b_qt)
+        b_pt = tl.exp2(b_st * qk_scale - b_lse2[None, :])
+        tl.store(p_out + o_n, tl.sum(b_pt, 1), mask=m_n)
 
 
 @triton.jit

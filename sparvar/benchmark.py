@@ -166,7 +166,7 @@ def _decision_parts(q, k, v, s, d, cs4a, H, B, D, base) -> list[dict]:
         "part_scores": (lambda: scores_from_lse(q, k, lse, 1.0, cs4a.group_size), nq * nk / 2),
         "part_topk": (lambda: select_topk_fwd(scores, n_keep), 0),
         "part_select_residual": (lambda: sparse_attn_fwd(q, k, v, tables, cfg, 1.0, name="cs4a_select",
-                                                         kept=_kept_table(kept), epilogue=2, res=out), nq * n_keep),
+                                                         kept=_kept_table(kept, q), epilogue=2, res=out), nq * n_keep),
     }
     return [_row(H, d, name, _bench(fn), pairs, nq * nk, B, H, D, float("nan"), base)
             for name, (fn, pairs) in parts.items()]

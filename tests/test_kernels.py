@@ -99,7 +99,7 @@ def test_selected_attention_and_sparse_step_given_reference_state(case, cfg, bh,
     d = params.decision_scale
     (q, k, v), (q64, k64, v64) = make_qkv(s, d, *bh, D, dtype, seed, strided)
     _, state = R.cs4a_decide(q64, k64, v64, s, d, params, 0.4)
-    got = K.selected_attention(q, k, v, s, d, params, state.kept, 0.4, configs=_configs(cfg))
+    got = K.selected_attention(q, k, v, s, d, params, state.kept.to(DEVICE), 0.4, configs=_configs(cfg))
     assert_close("O_sel at d", got, R.selected_attention(q64, k64, v64, s, d, params, state.kept, 0.4))
     if state.residual is not None:
         state.residual = state.residual.to(dtype)
