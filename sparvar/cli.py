@@ -1,0 +1,157 @@
+"""The ``sparvar`` command: ``autotune``, ``configs``, ``plan``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from .errors import SparvarError
+
+__all__ = ["main"]
+
+
+def _model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny") -> None:
+    from .models import MODELS
+
+    p.add_argument("--model", default=default_model, required=default_model is None,
+                   help=f"model preset: {', '.join(MODELS)} (default: %(default)s)")
+    p.add_argument("--resolution", default=None,
+                   help="image HEIGHTxWIDTH in pixels, e.g. 1024x1024 or 1152x864 (default: the model's)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sparvar", description="Sparse attention (CS4A, CSLA) for visual "
+                                 "autoregressive models: tune kernels per GPU, inspect plans and configs, benchmark.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("autotune", help="search kernel parameters on this GPU and write a tuned config",
+                       description="Optuna search over the kernels' speed parameters for one model and resolution, "
+                       "on this GPU (or Triton's interpreter without one). Resumes an interrupted study when run again.")
+    _model_args(p)
+    p.add_argument("--trials", type=int, default=None, help="total trials in the study (default: 40 on a GPU, 6 on CPU)")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    p.add_argument("--study-name", default=None, help="default: <gpu>-<model>-<h>x<w>")
+    p.add_argument("--storage", default=None, help="Optuna storage: sqlite:///path, postgresql://..., or "
+                   "journal:PATH (default: SQLite in the user's cache directory)")
+    p.add_argument("--output-dir", default=None, help="where the tuned config goes (default: the user's config directory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="worker processes on one shared study, one per visible GPU")
+    p.add_argument("--calibration", default=None, help="torch file of q/k/v per (layer, scale) for the "
+                   "semantic search (windows, sinks, decision scale, keep ratio); needs --max-rel-error")
+    p.add_argument("--max-rel-error", type=float, default=None,
+                   help="quality bound: largest relative error of attention outputs against dense")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("configs", help="list tuned configs and show which one would be loaded here, and why")
+    _model_args(p, default_model=None)
+    p.add_argument("--config", default=None, help="an explicit config file to validate and prefer")
+    p.add_argument("--strict", action="store_true", help="a malformed config is an error, not a warning")
+
+    p = sub.add_parser("plan", help="the default plan and its token densities for a model and resolution")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("bench", help="the attention benchmark at Infinity 1024 shapes (needs a GPU)")
+    p.add_argument("--heads", type=int, nargs="+", default=[16, 28])
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 11, 12])
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--no-flex", action="store_true")
+    return ap
+
+
+def _cmd_autotune(args) -> int:
+    import torch
+
+    from sparvar.autotune.study import AutotuneOptions, format_summary, run_autotune
+
+    trials = args.trials if args.trials is not None else (40 if torch.cuda.is_available() else 6)
+    opts = AutotuneOptions(model=args.model, resolution=args.resolution, trials=trials, timeout=args.timeout,
+                           study_name=args.study_name, storage=args.storage, output_dir=args.output_dir,
+                           seed=args.seed, workers=args.workers, calibration=args.calibration,
+                           max_rel_error=args.max_rel_error, progress=not args.no_progress)
+    _, path, summary = run_autotune(opts)
+    print(format_summary(summary, path))
+    return 0
+
+
+def _cmd_configs(args) -> int:
+    from .configs import find_config, search_dirs
+    from .hardware import compute_capability, gpu_name
+    from .models import get_model, parse_resolution
+
+    print(f"GPU: {gpu_name()} (compute capability {compute_capability()})")
+    print("search order:")
+    for origin, d in search_dirs():
+        files = sorted(d.glob("*/*.json")) if d.is_dir() else []
+        print(f"  {origin:<8} {d}  ({len(files)} configs)")
+        for f in files:
+            print(f"           {f.parent.name}/{f.name}")
+    if args.model:
+        preset = get_model(args.model)
+        h, w = parse_resolution(args.resolution, preset)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            choice = find_config(preset.name, h, w, args.config, args.strict)
+        for msg in choice.skipped:
+            print(f"skipped: {msg}")
+        where = f" ({choice.path})" if choice.path else ""
+        print(f"{preset.name} {h}x{w} loads: {choice.reason}{where}")
+        if choice.config:
+            m = choice.config.measured
+            if "speedup_sparse_steps_vs_dense" in m:
+                print(f"  measured on {choice.config.gpu}: sparse steps {m['speedup_sparse_steps_vs_dense']:.2f}x "
+                      f"vs dense, {m['speedup_sparse_steps_vs_default']:.2f}x vs default config")
+        del caught
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from sparvar.reference import generation_density, plan_densities
+
+    from .models import get_model, model_plan, parse_resolution, resolve_schedule
+
+    preset = get_model(args.model)
+    h, w = parse_resolution(args.resolution, preset)
+    schedule = resolve_schedule(preset, h, w)
+    plan = model_plan(preset, schedule)
+    if args.json:
+        print(plan.to_json())
+        return 0
+    print(f"{preset.name} {h}x{w}: {schedule.num_scales} scales {list(schedule.grids)}, depth {plan.depth}")
+    print(json.dumps(plan.to_dict()))
+    print(f"{'scale':>5} {'queries x keys':>16} {'kind':<12} {'layers':>6} {'density':>8}")
+    for r in plan_densities(plan, schedule):
+        if r.kind != "dense":
+            print(f"{r.step:>5} {f'{r.queries} x {r.keys}':>16} {r.kind:<12} {r.layers:>6} {100 * r.density:>7.2f}%")
+    print(f"whole generation: {100 * generation_density(plan, schedule):.1f}% of dense pairs")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .benchmark import run_attention_benchmark
+
+    run_attention_benchmark(args.heads, args.steps, args.out, flex=not args.no_flex)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"autotune": _cmd_autotune, "configs": _cmd_configs, "plan": _cmd_plan, "bench": _cmd_bench}
+    try:
+        return commands[args.command](args)
+    except SparvarError as e:
+        print(f"sparvar: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"sparvar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparvar: interrupted; finished trials are kept in the study: run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
