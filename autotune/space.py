@@ -62,8 +62,8 @@ CPU_SPACE = {
     "csla": {"block_m": [16, 64], "tile_w": [4, 8], "block_n": [16, 64], "num_warps": [4], "num_stages": [3]},
     "cs4a_dense": {"backend": ["triton"], "block_m": [16, 128], "block_n": [16, 64], "num_warps": [8],
                    "num_stages": [3]},
-    "cs4a_scores": {"block_m": [16, 64], "block_n": [16, 128], "num_warps": [8], "num_stages": [2]},
-    "cs4a_select": {"block_m": [16, 64], "block_n": [16, 64], "num_warps": [4], "num_stages": [3]},
+    "cs4a_scores": {"block_m": [16, 64], "block_n": [16, 128], "num_warps": [8], "num_stages": [3]},
+    "cs4a_select": {"block_m": [16, 64], "block_n": [16, 32], "num_warps": [4], "num_stages": [3]},
     "cs4a_sparse": {"block_m": [16, 64], "block_n": [16, 64], "num_warps": [4], "num_stages": [3]},
 }
 

@@ -80,13 +80,13 @@ def _pow2_at_least(n: int) -> int:
     return p
 
 
-# Defaults measured on H100 at Infinity 1024 shapes (bench/results); small head dims keep the
-# same tiles, the interpreter does not care.
+# Defaults: the fastest of bench/sweep.py's grid on an H200 at Infinity-2B 1024 shapes (bf16,
+# D=128); `sparvar autotune` finds better ones per GPU and model.
 _DEFAULTS = {
     "csla": KernelConfig(64, 64, 4, 3, 8, 8),
     "cs4a_dense": KernelConfig(128, 64, 8, 3, backend="cudnn"),
-    "cs4a_scores": KernelConfig(64, 128, 8, 2),
-    "cs4a_select": KernelConfig(64, 64, 4, 3),
+    "cs4a_scores": KernelConfig(64, 128, 8, 3),
+    "cs4a_select": KernelConfig(64, 32, 4, 3),
     "cs4a_sparse": KernelConfig(64, 64, 4, 3),
 }
 
