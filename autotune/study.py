@@ -131,6 +131,7 @@ def _objective(setup: _Setup, worker: BenchWorker, worker_id: int):
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id)
         trial.set_user_attr("gpu", gpu_name())
+        trial.set_user_attr("cuda_visible_devices", os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
         configs = {u.key: suggest_unit(trial, u, setup.space, setup.spec.head_dim, smem) for u in setup.units}
         total = 0.0
         for unit in setup.units:
