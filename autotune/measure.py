@@ -144,7 +144,11 @@ class StepMeasurer:
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
-    def measure(self, unit_kind: str, step: int, configs: dict) -> Measurement:
+    def measure(self, unit_kind: str, step: int, configs: dict, plan: R.SparsityPlan | None = None) -> Measurement:
+        """Check (once per config) and time one unit; ``plan`` replaces the spec's plan (semantic search)."""
+        if plan is not None and plan != self.plan:
+            self.plan, self._state = plan, None
+            self._checked.clear()
         fn = self.runner(unit_kind, step, configs)
         try:
             result = fn()
@@ -197,20 +201,23 @@ class BenchWorker:
         self._proc.start()
         child.close()
 
-    def measure(self, unit: Unit | str, step: int | None = None, configs: dict | None = None) -> Measurement:
+    def measure(self, unit: Unit | str, step: int | None = None, configs: dict | None = None,
+                plan: R.SparsityPlan | None = None) -> Measurement:
         kind, step = (unit.kind, unit.step) if isinstance(unit, Unit) else (unit, step)
         if self._proc is None or not self._proc.is_alive():
             self.restarts += self._started
             self._started = True
             self._start()
         try:
-            self._conn.send((kind, step, configs or {}))
+            self._conn.send((kind, step, configs or {}, plan))
             if not self._conn.poll(self.timeout_s):
                 self._kill()
                 return Measurement("crash", message=f"no answer in {self.timeout_s:.0f} s; worker restarted")
             return self._conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            code = self._proc.exitcode if self._proc else None
+            # The pipe closes a moment before the process is reaped: wait for its exit code.
+            self._proc.join(5)
+            code = self._proc.exitcode
             self._kill()
             return Measurement("crash", message=f"worker process died (exit code {code}); restarted")
 

@@ -1,8 +1,36 @@
-"""Semantic search (windows, sinks, decision scale, keep ratio) under a measured quality bound."""
+"""Semantic search: windows, sinks, decision scale, keep ratio and bound layer, under a quality
+bound measured on the user's calibration data (SPEC section 6).
+
+Calibration file (``torch.save``): ``{"scale": float, "layers": {layer: {step: {"q", "k", "v"}}}}``
+with ``q [B, H, h_k*w_k, D]`` and ``k, v [B, H, L_k, D]`` captured from the model at every step
+from the smallest decision scale searched (``S - 4``) to the last. Quality of a plan is the
+largest relative error ``||O_plan - O_dense|| / ||O_dense||`` over the file's (layer, step)
+pairs. The study is multi-objective (attention time, error) with the bound as a constraint;
+its Pareto front is plotted next to the config, and the fastest plan within the bound is kept,
+with the kernels' default parameters (tune those for the chosen plan with a plain
+``sparvar autotune`` afterwards, which searches speed parameters only).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
+import optuna
+import torch
+
+from sparvar.configs import TunedConfig, user_config_dir
 from sparvar.errors import SparvarError
+from sparvar.kernels import default_config
+from sparvar.reference import SparsityPlan
+from sparvar.runtime import SparseAttention
+
+from .measure import BenchWorker
+from .space import plan_units
+
+__all__ = ["check_quality_options", "load_calibration", "plan_error", "semantic_params", "run_quality_search",
+           "make_calibration"]
 
 
 def check_quality_options(opts) -> None:
@@ -10,3 +38,204 @@ def check_quality_options(opts) -> None:
         raise SparvarError("--calibration and --max-rel-error go together: the semantic search needs both")
     if not opts.max_rel_error > 0:
         raise SparvarError(f"--max-rel-error must be > 0, got {opts.max_rel_error}")
+    if not Path(opts.calibration).is_file():
+        raise SparvarError(f"calibration file {opts.calibration} does not exist")
+
+
+def _first_step(num_scales: int) -> int:
+    return max(0, num_scales - 4)
+
+
+def load_calibration(path: str | Path, schedule, depth: int) -> dict:
+    """Load and validate; ``SparvarError`` names the layer, step and tensor that is wrong."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise SparvarError(f"calibration file {path} cannot be read: {type(e).__name__}: {e}") from None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise SparvarError(f"calibration file {path}: expected a dict with a non-empty 'layers' dict")
+    first = _first_step(schedule.num_scales)
+    for layer, steps in layers.items():
+        if not isinstance(layer, int) or not 0 <= layer < depth:
+            raise SparvarError(f"calibration file {path}: layer {layer!r} is not in [0, {depth - 1}]")
+        for step in range(first, schedule.num_scales):
+            entry = steps.get(step) if isinstance(steps, dict) else None
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(n), torch.Tensor) for n in "qkv"):
+                raise SparvarError(f"calibration file {path}: layer {layer} needs q, k, v tensors at step {step} "
+                                   f"(steps {first}..{schedule.num_scales - 1})")
+            nq, nk = schedule.num_queries(step), schedule.num_keys(step)
+            for n, want in (("q", nq), ("k", nk), ("v", nk)):
+                t = entry[n]
+                if t.dim() != 4 or t.shape[2] != want:
+                    raise SparvarError(f"calibration file {path}: layer {layer} step {step} {n} has shape "
+                                       f"{tuple(t.shape)}, expected [B, H, {want}, D]")
+    return {"scale": float(data.get("scale", 1.0)), "layers": layers}
+
+
+def plan_error(plan: SparsityPlan, schedule, calibration: dict, device: str, dtype) -> float:
+    """Largest relative error of the plan's attention against dense over the calibration data."""
+    attn = SparseAttention(plan, schedule)
+    worst = 0.0
+    for layer, steps in calibration["layers"].items():
+        attn.new_image()
+        for step in range(_first_step(schedule.num_scales), schedule.num_scales):
+            q, k, v = (steps[step][n].to(device, dtype) for n in "qkv")
+            out = attn(layer, step, q, k, v, calibration["scale"]).double()
+            dense = torch.nn.functional.scaled_dot_product_attention(
+                *(t.double() for t in (q, k, v)), scale=calibration["scale"])
+            worst = max(worst, ((out - dense).norm() / dense.norm().clamp_min(1e-30)).item())
+    return worst
+
+
+def semantic_params(trial: optuna.Trial, base: SparsityPlan) -> SparsityPlan:
+    """Sample a plan near the authors' default; invalid combinations are pruned with the reason."""
+    S = base.num_scales
+    d = trial.suggest_categorical("decision_scale", sorted({max(_first_step(S), min(S - 1, base.decision_scale + o))
+                                                            for o in (-1, 0, 1)}))
+    sinks = trial.suggest_categorical("sink_scales", sorted({min(S - 1, s) for s in (3, 4, 5, 6)}))
+    finest = [trial.suggest_categorical(f"win_rel[{t}]", [1, 3, 5, 7, 9, 11]) for t in range(min(3, S - sinks))]
+    tail = list(base.win_rel[len(finest):S - sinks])
+    layers = {min(base.depth - 1, b) for b in (base.depth // 4, base.bound_layer, base.depth // 2)}
+    bound = trial.suggest_categorical("bound_layer", sorted(layers | {-1}))
+    try:
+        return dataclasses.replace(
+            base, decision_scale=d, sink_scales=sinks, win_rel=tuple(finest + tail), bound_layer=bound,
+            keep_ratio=trial.suggest_categorical("keep_ratio", [0.1, 0.15, 0.2, 0.3, 0.4]),
+            band_rel=base.band_rel[: S - 1 - d])
+    except ValueError as e:
+        trial.set_user_attr("pruned_by", str(e))
+        raise optuna.TrialPruned(str(e)) from None
+
+
+def run_quality_search(opts, setup, storage_url: str):
+    """After the speed study: the semantic study, its Pareto plot, and the config it chooses."""
+    from .study import open_storage
+
+    calibration = load_calibration(opts.calibration, setup.schedule, setup.plan.depth)
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    storage = open_storage(storage_url, opts.lock_timeout)
+    study = optuna.create_study(
+        study_name=f"{setup.study_name}-semantic", storage=storage, directions=["minimize", "minimize"],
+        load_if_exists=True, sampler=optuna.samplers.TPESampler(
+            seed=opts.seed, constraints_func=lambda t: [t.user_attrs.get("constraint", 1.0)]))
+    bound = opts.max_rel_error
+    worker = BenchWorker(opts.measurer, (setup.spec,))
+
+    def objective(trial: optuna.Trial):
+        plan = semantic_params(trial, setup.plan)
+        err = plan_error(plan, setup.schedule, calibration, device, dtype)
+        total = 0.0
+        for unit in plan_units(plan):
+            m = worker.measure(unit, configs={n: default_config(n) for n in unit.launches}, plan=plan)
+            if m.status != "ok":
+                trial.set_user_attr("failure", f"{unit.key}: {m.status}: {m.message[:200]}")
+                raise optuna.TrialPruned(f"{unit.key}: {m.status}")
+            total += unit.count * m.ms
+        trial.set_user_attr("plan", plan.to_dict())
+        trial.set_user_attr("rel_error", err)
+        trial.set_user_attr("constraint", err - bound)
+        return total, err
+
+    if not study.trials:
+        study.enqueue_trial({"decision_scale": setup.plan.decision_scale, "sink_scales": setup.plan.sink_scales,
+                             **{f"win_rel[{t}]": w for t, w in enumerate(setup.plan.win_rel[:3])},
+                             "bound_layer": setup.plan.bound_layer, "keep_ratio": setup.plan.keep_ratio})
+    done = sum(t.state.is_finished() for t in study.trials)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study.optimize(objective, n_trials=max(0, opts.trials - done), timeout=opts.timeout)
+    finally:
+        worker.close()
+    feasible = [t for t in study.best_trials if t.user_attrs.get("constraint", 1.0) <= 0]
+    if not feasible:
+        errors = [t.values[1] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        best = f"{min(errors):.3g}" if errors else "none measured"
+        raise SparvarError(f"no plan met --max-rel-error {bound} on the calibration data "
+                           f"(smallest error {best}); raise the bound")
+    chosen = min(feasible, key=lambda t: t.values[0])
+    plan = SparsityPlan.from_dict(chosen.user_attrs["plan"])
+    setup.plan = plan
+    setup.units = plan_units(plan)
+    setup.spec = dataclasses.replace(setup.spec, plan=plan)
+    return _finish_semantic(opts, setup, chosen, bound, study)
+
+
+def _finish_semantic(opts, setup, chosen, bound, study):
+    from .study import _remeasure, _summary
+
+    best = {u.key: (float("nan"), {}, "default") for u in setup.units}
+    worker = BenchWorker(opts.measurer, (setup.spec,))
+    try:
+        rows, kernels = _remeasure(setup, worker, best)
+    finally:
+        worker.close()
+    summary = _summary(setup, rows, study)
+    quality = {"metric": "max relative error of attention outputs against dense", "bound": bound,
+               "measured": chosen.user_attrs["rel_error"], "calibration": str(opts.calibration),
+               "trial": chosen.number}
+    config = TunedConfig(model=setup.preset.name, height=setup.height, width=setup.width, plan=setup.plan,
+                         kernels=kernels, measured=summary, quality=quality)
+    path = config.save(opts.output_dir or user_config_dir())
+    plot_pareto(study, bound, path.with_suffix(".pareto.png"))
+    summary["quality"] = quality
+    return config, path, summary
+
+
+def plot_pareto(study: optuna.Study, bound: float, path: Path) -> Path:
+    """Attention time against error for every finished trial, the Pareto front and the bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    front = sorted(study.best_trials, key=lambda t: t.values[0])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([t.values[0] for t in done], [t.values[1] for t in done], s=12, c="0.6", label="trials")
+    ax.plot([t.values[0] for t in front], [t.values[1] for t in front], "o-", c="C0", label="Pareto front")
+    ax.axhline(bound, color="C3", ls="--", label=f"bound {bound:g}")
+    ax.set_xlabel("attention time of the sparse steps per generation (ms)")
+    ax.set_ylabel("max relative error vs dense")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    path.with_suffix(".json").write_text(json.dumps(
+        [{"trial": t.number, "ms": t.values[0], "rel_error": t.values[1], "plan": t.user_attrs.get("plan")}
+         for t in front], indent=2))
+    return path
+
+
+def make_calibration(path: str | Path, schedule, layers, heads: int, head_dim: int, batch: int = 1,
+                     seed: int = 0, scale: float | None = None, sharpness: float = 2.0) -> Path:
+    """A synthetic calibration file whose attention is local, as at VAR's large scales: q and k
+    are Fourier features of each token's position in the image (so ``q . k`` peaks where the
+    positions meet), v is random. For trying the pipeline; real calibration data comes from the
+    model's own attention inputs."""
+    g = torch.Generator().manual_seed(seed)
+    freqs = torch.tensor([1.0, 2.0, 4.0, 8.0])
+
+    def features(h: int, w: int) -> torch.Tensor:
+        y = ((torch.arange(h) + 0.5) / h).repeat_interleave(w)
+        x = ((torch.arange(w) + 0.5) / w).repeat(h)
+        ang = 2 * torch.pi * torch.cat([y[:, None] * freqs, x[:, None] * freqs], 1)
+        f = torch.cat([ang.cos(), ang.sin()], 1)  # [h*w, 16]
+        return f.repeat(1, -(-head_dim // f.shape[1]))[:, :head_dim] * sharpness
+
+    out = {"scale": scale if scale is not None else head_dim ** -0.5, "layers": {}}
+    for layer in layers:
+        # One KV cache per layer: step k sees its first L_k tokens, as in generation.
+        k_all = torch.cat([features(h, w) for h, w in schedule.grids])
+        k_all = k_all.expand(batch, heads, *k_all.shape) + 0.1 * torch.randn(batch, heads, *k_all.shape, generator=g)
+        v_all = torch.randn(batch, heads, k_all.shape[2], head_dim, generator=g)
+        q_all = k_all + 0.1 * torch.randn(k_all.shape, generator=g)
+        steps = {}
+        for step in range(_first_step(schedule.num_scales), schedule.num_scales):
+            lo, hi = schedule.offsets[step], schedule.offsets[step + 1]
+            steps[step] = {"q": q_all[:, :, lo:hi].contiguous(), "k": k_all[:, :, :hi].contiguous(),
+                           "v": v_all[:, :, :hi].contiguous()}
+        out["layers"][layer] = steps
+    torch.save(out, path)
+    return Path(path)

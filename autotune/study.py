@@ -208,6 +208,10 @@ def run_autotune(opts: AutotuneOptions) -> tuple[TunedConfig, Path, dict]:
     setup = _setup(opts)
     storage_url = opts.storage or default_storage_url()
     storage = open_storage(storage_url, opts.lock_timeout)
+    if opts.calibration:
+        from .quality import run_quality_search
+
+        return run_quality_search(opts, setup, storage_url)
     study = _create_study(setup, storage, storage_url)
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     remaining = max(0, opts.trials - len(finished))
@@ -218,10 +222,6 @@ def run_autotune(opts: AutotuneOptions) -> tuple[TunedConfig, Path, dict]:
             _optimize(setup, opts, storage_url, remaining, 0)
         else:
             _run_workers(opts, storage_url, remaining)
-    if opts.calibration:
-        from .quality import run_quality_search
-
-        return run_quality_search(opts, setup, storage_url)
     return _finish(opts, setup, optuna.load_study(study_name=setup.study_name, storage=storage))
 
 

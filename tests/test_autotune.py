@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import optuna
+import torch
 import pytest
 
 from sparvar.autotune.measure import BenchWorker, MeasurerSpec
@@ -152,9 +153,10 @@ def postgres_url():
 
 @pytest.mark.slow
 def test_two_workers_share_one_postgres_study(postgres_url, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sparvar.cli", "autotune", "--model", "tiny", "--trials", "6",
-                          "--workers", "2", "--storage", postgres_url, "--output-dir", str(tmp_path), "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+    sparvar = os.path.join(os.path.dirname(sys.executable), "sparvar")
+    out = subprocess.run([sparvar, "autotune", "--model", "tiny", "--trials", "6", "--workers", "2",
+                          "--storage", postgres_url, "--output-dir", str(tmp_path), "--no-progress"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     study = optuna.load_study(study_name="cpu-tiny-128x128", storage=postgres_url)
     trials = study.trials
@@ -163,3 +165,30 @@ def test_two_workers_share_one_postgres_study(postgres_url, tmp_path):
     assert all(t.state.is_finished() for t in trials)
     assert {t.user_attrs.get("worker") for t in trials} == {0, 1}
     assert json.loads((tmp_path / "cpu" / "tiny_128x128.json").read_text())["model"] == "tiny"
+
+
+def test_semantic_search_under_a_quality_bound(tmp_path):
+    from sparvar.autotune.quality import make_calibration
+
+    preset = get_model("tiny")
+    schedule = resolve_schedule(preset, 128, 128)
+    calib = make_calibration(tmp_path / "calib.pt", schedule, layers=[0, 3], heads=2, head_dim=16)
+    opts = AutotuneOptions(model="tiny", trials=4, storage=f"sqlite:///{tmp_path}/s.db", output_dir=str(tmp_path),
+                           progress=False, calibration=str(calib), max_rel_error=1.5)
+    config, path, summary = run_autotune(opts)
+    assert config.quality["bound"] == 1.5 and config.quality["measured"] <= 1.5
+    assert path.with_suffix(".pareto.png").stat().st_size > 1000
+    study = optuna.load_study(study_name="cpu-tiny-128x128-semantic", storage=opts.storage)
+    assert len(study.directions) == 2 and len(study.trials) == 4
+    assert load_config_file(path).quality == config.quality
+    with pytest.raises(SparvarError, match="no plan met --max-rel-error"):
+        run_autotune(AutotuneOptions(**{**opts.__dict__, "max_rel_error": 1e-12, "study_name": "strict"}))
+
+
+def test_bad_calibration_file_is_named(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"layers": {0: {}}}, bad)
+    opts = AutotuneOptions(model="tiny", trials=1, storage=f"sqlite:///{tmp_path}/s.db", progress=False,
+                           calibration=str(bad), max_rel_error=0.5)
+    with pytest.raises(SparvarError, match="layer 0 needs q, k, v tensors at step 2"):
+        run_autotune(opts)

@@ -1,6 +1,7 @@
 """Tuned-config files, the loader's search order and fallbacks, the runtime and the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -140,7 +141,8 @@ def test_cli_errors_are_one_line(capsys, argv, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_console_entry_point_help():
+def test_console_entry_point_help(tmp_path):
+    sparvar = os.path.join(os.path.dirname(sys.executable), "sparvar")
     for sub in ("autotune", "configs", "plan", "bench"):
-        out = subprocess.run([sys.executable, "-m", "sparvar.cli", sub, "--help"], capture_output=True, text=True)
+        out = subprocess.run([sparvar, sub, "--help"], capture_output=True, text=True, cwd=tmp_path)
         assert out.returncode == 0 and "usage: sparvar" in out.stdout
