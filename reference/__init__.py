@@ -2,6 +2,20 @@
 
 Pure PyTorch, float64-capable, no Triton: this package is the oracle the kernels are tested
 against.
+
+Readings of points the SPEC leaves open (each also stated where it is implemented):
+- Sink scales are seen whole whatever ``win_rel`` says; ``win_rel`` entries that reach into the
+  sinks are ignored (``key_windows``).
+- ``band_rel`` may not reach scales ``<= d`` (plan validation allows at most ``S-1-d`` entries;
+  ``band_windows`` ignores such entries when given ``CS4AParams`` directly); ``-1`` is not a band.
+- With ``residual`` off the decision step does not compute ``O_sel`` (nothing would use it) and
+  the state carries ``residual=None``.
+- ``default_plan`` for schedules other than Infinity 1024 keeps the authors' rule relative to
+  the schedule's length: ``d = max(0, S-3)``, ``sink_scales = min(5, d)``, windows and bands cut
+  to the scales they can reach, ``bound_layer = min(10, depth-1)``.
+- Log-sum-exp is in natural log of the scaled scores; an empty allowed set gives ``-inf``.
+- Ranks are exact: scores and counts use integer arithmetic for centres and band ranges; the
+  top-``n_keep`` tie rule is implemented with a stable sort.
 """
 
 from .attention import check_step_inputs, dense_attention, masked_attention
