@@ -192,3 +192,27 @@ def test_bad_calibration_file_is_named(tmp_path):
                            calibration=str(bad), max_rel_error=0.5)
     with pytest.raises(SparvarError, match="layer 0 needs q, k, v tensors at step 2"):
         run_autotune(opts)
+
+
+@pytest.mark.slow
+def test_readme_main_command_runs_on_cpu(tmp_path):
+    """The README's first set-up command's job, as a user runs it: default storage and output."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if "sparvar autotune --model tiny" in l)
+    argv = line.split("&&")[-1].split("#")[0].split()
+    assert argv[:2] == ["sparvar", "autotune"]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    sparvar = os.path.join(os.path.dirname(sys.executable), "sparvar")
+    t0 = time.monotonic()
+    out = subprocess.run([sparvar, *argv[1:], "--no-progress"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "whole generation's attention" in out.stdout
+    written = list((tmp_path / "config").rglob("tiny_128x128.json"))
+    assert len(written) == 1 and list((tmp_path / "cache").rglob("studies.db"))
+    # Loaded by the runtime from the user's config directory.
+    check = subprocess.run([sparvar, "configs", "--model", "tiny"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert "user config for this GPU" in check.stdout, check.stdout
+    assert time.monotonic() - t0 < 600
