@@ -20,7 +20,6 @@ from pathlib import Path
 import optuna
 import torch
 
-from sparvar.configs import TunedConfig, user_config_dir
 from sparvar.errors import SparvarError
 from sparvar.kernels import default_config
 from sparvar.reference import SparsityPlan
@@ -116,10 +115,12 @@ def run_quality_search(opts, setup, storage_url: str):
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     storage = open_storage(storage_url, opts.lock_timeout)
+    # Optuna 5 reads constraints set on the trial; older releases take a constraints function.
+    native = hasattr(optuna.trial.Trial, "set_constraint")
+    legacy = {} if native else {"constraints_func": lambda t: [t.user_attrs.get("constraint", 1.0)]}
     study = optuna.create_study(
         study_name=f"{setup.study_name}-semantic", storage=storage, directions=["minimize", "minimize"],
-        load_if_exists=True, sampler=optuna.samplers.TPESampler(
-            seed=opts.seed, constraints_func=lambda t: [t.user_attrs.get("constraint", 1.0)]))
+        load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=opts.seed, **legacy))
     bound = opts.max_rel_error
     worker = BenchWorker(opts.measurer, (setup.spec,))
 
@@ -136,6 +137,8 @@ def run_quality_search(opts, setup, storage_url: str):
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("rel_error", err)
         trial.set_user_attr("constraint", err - bound)
+        if native:
+            trial.set_constraint("max_rel_error", err - bound)
         return total, err
 
     if not study.trials:
@@ -163,21 +166,13 @@ def run_quality_search(opts, setup, storage_url: str):
 
 
 def _finish_semantic(opts, setup, chosen, bound, study):
-    from .study import _remeasure, _summary
+    from .study import _finish
 
-    best = {u.key: (float("nan"), {}, "default") for u in setup.units}
-    worker = BenchWorker(opts.measurer, (setup.spec,))
-    try:
-        rows, kernels = _remeasure(setup, worker, best)
-    finally:
-        worker.close()
-    summary = _summary(setup, rows, study)
     quality = {"metric": "max relative error of attention outputs against dense", "bound": bound,
                "measured": chosen.user_attrs["rel_error"], "calibration": str(opts.calibration),
                "trial": chosen.number}
-    config = TunedConfig(model=setup.preset.name, height=setup.height, width=setup.width, plan=setup.plan,
-                         kernels=kernels, measured=summary, quality=quality)
-    path = config.save(opts.output_dir or user_config_dir())
+    defaults = {u.key: (float("nan"), {}, "default") for u in setup.units}
+    config, path, summary = _finish(opts, setup, study, defaults, quality)
     plot_pareto(study, bound, path.with_suffix(".pareto.png"))
     summary["quality"] = quality
     return config, path, summary

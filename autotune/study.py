@@ -272,8 +272,10 @@ def best_per_unit(study: optuna.Study, units) -> dict:
     return best
 
 
-def _finish(opts: AutotuneOptions, setup: _Setup, study: optuna.Study):
-    best = best_per_unit(study, setup.units)
+def _finish(opts: AutotuneOptions, setup: _Setup, study: optuna.Study, best: dict | None = None,
+            quality: dict | None = None):
+    """Re-measure ``best`` (default: the best per unit of ``study``) and write the config."""
+    best = best if best is not None else best_per_unit(study, setup.units)
     if len(best) < len(setup.units):
         missing = [u.key for u in setup.units if u.key not in best]
         raise SparvarError(f"no trial produced a working config for {missing}; see the study's failed trials")
@@ -284,7 +286,7 @@ def _finish(opts: AutotuneOptions, setup: _Setup, study: optuna.Study):
         worker.close()
     summary = _summary(setup, rows, study)
     config = TunedConfig(model=setup.preset.name, height=setup.height, width=setup.width, plan=setup.plan,
-                         kernels=kernels, measured=summary)
+                         kernels=kernels, measured=summary, quality=quality)
     path = config.save(opts.output_dir or user_config_dir())
     return config, path, summary
 

@@ -71,7 +71,6 @@ def csla_tiles(schedule: Schedule, step: int, params: CSLAParams, tile_h: int, t
     hk, wk = schedule.grids[step]
     block_m = tile_h * tile_w
     windows = key_windows(schedule.num_scales, params)
-    slots = np.arange(block_m)
     q_rows, kv_rows, bit_rows = [], [], []
     for y0 in range(0, hk, tile_h):
         for x0 in range(0, wk, tile_w):

@@ -91,8 +91,9 @@ def _cmd_configs(args) -> int:
     if args.model:
         preset = get_model(args.model)
         h, w = parse_resolution(args.resolution, preset)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        # Skipped files are printed below; the warnings would repeat them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             choice = find_config(preset.name, h, w, args.config, args.strict)
         for msg in choice.skipped:
             print(f"skipped: {msg}")
@@ -103,7 +104,6 @@ def _cmd_configs(args) -> int:
             if "speedup_sparse_steps_vs_dense" in m:
                 print(f"  measured on {choice.config.gpu}: sparse steps {m['speedup_sparse_steps_vs_dense']:.2f}x "
                       f"vs dense, {m['speedup_sparse_steps_vs_default']:.2f}x vs default config")
-        del caught
     return 0
 
 

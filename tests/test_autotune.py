@@ -18,7 +18,7 @@ from sparvar.autotune.space import CPU_SPACE, SPACE, default_params, plan_units
 from sparvar.autotune.study import AutotuneOptions, open_storage, run_autotune
 from sparvar.configs import load_config_file
 from sparvar.errors import SparvarError
-from sparvar.models import MODELS, get_model, model_plan, resolve_schedule
+from sparvar.models import get_model, model_plan, resolve_schedule
 from sparvar.reference import default_plan, infinity_schedule
 from fake_measurer import FaultyMeasurer
 

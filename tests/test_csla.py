@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from sparvar.reference import (CSLAParams, Schedule, centre, csla_attention, csla_mask, csla_pairs,
                                dense_attention, infinity_schedule, key_windows, masked_attention)
-from strategies import batch_heads, csla_params, head_dims, schedules, seeds, windows
+from strategies import batch_heads, csla_params, head_dims, schedules, seeds
 from assertions import assert_close
 
 
