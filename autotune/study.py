@@ -11,6 +11,7 @@ N processes (one per visible GPU) on one shared study.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import time
@@ -77,16 +78,33 @@ def open_storage(url: str | None, lock_timeout: float = 30.0):
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-            return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+            path = Path(url[len("journal:"):])
+            _check_journal(path, url)
+            return JournalStorage(JournalFileBackend(str(path)))
         engine = {"connect_args": {"timeout": lock_timeout}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
     except sqlalchemy.exc.SQLAlchemyError as e:
-        raise SparvarError(f"study storage {url} cannot be opened (locked or corrupt?): {_first_line(e)}") from None
+        raise SparvarError(f"study storage {url} cannot be opened: {_first_line(e)}") from None
     except ImportError as e:
         raise SparvarError(f"study storage {url} needs a database driver: {_first_line(e)} "
                            "(for PostgreSQL: pip install 'sparvar[postgres]')") from None
     except (ValueError, OSError, RuntimeError) as e:
         raise SparvarError(f"study storage {url} cannot be opened: {_first_line(e)}") from None
+
+
+def _check_journal(path: Path, url: str) -> None:
+    """Refuse a file that is not Optuna's JSON-lines journal before Optuna appends to it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        ok = isinstance(json.loads(first), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SparvarError(f"study storage {url} is not an Optuna journal (its first line is not a JSON "
+                           "object); the file was left as it is")
 
 
 def _first_line(e: BaseException) -> str:
@@ -232,7 +250,10 @@ def _create_study(setup: _Setup, storage, url: str) -> optuna.Study:
         return optuna.create_study(study_name=setup.study_name, storage=storage, direction="minimize",
                                    load_if_exists=True)
     except sqlalchemy.exc.SQLAlchemyError as e:
-        raise SparvarError(f"study storage {url} cannot be used (locked or corrupt?): {_first_line(e)}") from None
+        raise SparvarError(f"study storage {url} cannot be used: {_first_line(e)}") from None
+    except (ValueError, KeyError) as e:
+        # A journal file that is not Optuna's JSON lines.
+        raise SparvarError(f"study storage {url} is not a readable Optuna study (corrupt?): {_first_line(e)}") from None
 
 
 def _run_workers(opts: AutotuneOptions, storage_url: str, remaining: int) -> None:

@@ -216,3 +216,11 @@ def test_readme_main_command_runs_on_cpu(tmp_path):
     check = subprocess.run([sparvar, "configs", "--model", "tiny"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert "user config for this GPU" in check.stdout, check.stdout
     assert time.monotonic() - t0 < 600
+
+
+def test_corrupt_journal_is_named(tmp_path):
+    bad = tmp_path / "bad.journal"
+    bad.write_text("garbage\n")
+    with pytest.raises(SparvarError, match="bad.journal is not an Optuna journal"):
+        run_autotune(AutotuneOptions(model="tiny", trials=1, storage=f"journal:{bad}", progress=False))
+    assert bad.read_text() == "garbage\n"
