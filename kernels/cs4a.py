@@ -122,6 +122,8 @@ def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     tables = group_tiles(schedule, step, params, cfg.block_m, cfg.block_n)
     res, res_tables = None, None
     if params.residual:
+        if state.residual.device != q.device:
+            raise ValueError(f"state.residual is on {state.residual.device}, the inputs on {q.device}")
         d = params.decision_scale
         res = state.residual.reshape(*state.residual.shape[:2], -1, state.residual.shape[-1])
         res_tables = residual_tables(schedule.grids[d], schedule.grids[step])

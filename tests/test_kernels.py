@@ -216,3 +216,15 @@ def test_topk_selection_matches_reference_including_ties(rows, L, data):
     got = K.select_keys(scores, n_keep)
     assert got.dtype == torch.int32
     assert torch.equal(got.long().cpu(), R.select_keys(scores.cpu().double(), n_keep))
+
+
+def test_state_on_another_device_or_dtype_is_named():
+    s, params = R.Schedule([(1, 1), (2, 2), (4, 4)]), R.CS4AParams(1, 2, 0.5, (3,))
+    (q, k, v), _ = make_qkv(s, 1, 1, 1, 16, torch.float32, 0)
+    _, state = K.cs4a_decide(q, k, v, s, 1, params)
+    (q2, k2, v2), _ = make_qkv(s, 2, 1, 1, 16, torch.float32, 1)
+    with pytest.raises(ValueError, match="kept key indices must be int32 or int64"):
+        K.cs4a_sparse(q2, k2, v2, s, 2, params, R.CS4AState(1, state.kept.float(), state.residual))
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="state.residual is on cpu"):
+            K.cs4a_sparse(q2, k2, v2, s, 2, params, R.CS4AState(1, state.kept, state.residual.cpu()))
