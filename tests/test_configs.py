@@ -15,8 +15,10 @@ from sparvar.errors import SparvarError
 from sparvar.hardware import gpu_name, sanitize
 from sparvar.kernels import KernelConfig
 from sparvar.models import get_model, model_plan, resolve_schedule
-from sparvar.reference import attention_step
+from sparvar.reference import CS4AState, attention_step
 from sparvar.runtime import SparseAttention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _tiny_config(**measured):
@@ -110,11 +112,13 @@ def test_runtime_runs_a_generation_like_the_reference(isolated):
         attn.new_image()
         for step in range(s.num_scales):
             q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (s.sizes[step], s.num_keys(step), s.num_keys(step)))
-            out = attn(layer, step, q, k, v)
+            out = attn(layer, step, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)).cpu()
             want, state = attention_step(plan, s, layer, step, q.double(), k.double(), v.double(), 1.0, state)
             if plan.kind(layer, step) == "cs4a_decide":
-                state = attn._states[layer]  # the kernel's kept sets (ties may differ in float32)
-                state.residual = state.residual.double()
+                # Continue from the kernel's kept sets (near-ties may be ranked apart in float32).
+                kernel_state = attn._states[layer]
+                state = CS4AState(kernel_state.decision_scale, kernel_state.kept.long().cpu(),
+                                  kernel_state.residual.double().cpu())
             assert ((out.double() - want).norm() / want.norm()) < 1e-4, (layer, step, plan.kind(layer, step))
 
 
