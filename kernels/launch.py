@@ -10,7 +10,7 @@ import triton
 
 from .config import KernelConfig
 from .sparse_attn import LOG2E, _column_scores_kernel, _select_topk_kernel, _sparse_attn_fwd_kernel
-from .tiles import TileTables, to_device
+from .tiles import TileTables, dense_tiles, to_device
 
 __all__ = ["KernelLaunchError", "check_kernel_inputs", "sparse_attn_fwd", "column_scores_fwd", "select_topk_fwd",
            "dense_lse_fwd", "interpreting"]
@@ -157,7 +157,5 @@ def dense_lse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         if backend not in _warned_backends:
             _warned_backends.add(backend)
             warnings.warn(f"{backend} attention is unavailable here ({e}); using the Triton kernel", stacklevel=2)
-    from .tiles import dense_tiles
-
     return sparse_attn_fwd(q, k, v, dense_tiles(q.shape[2], config.block_m), config, scale, name="cs4a_dense",
                            kv_dense=True, store_lse=True)
