@@ -145,7 +145,9 @@ def test_cli_errors_are_one_line(capsys, argv, message):
 
 
 def test_console_entry_point_help(tmp_path):
-    sparvar = os.path.join(os.path.dirname(sys.executable), "sparvar")
+    script = os.path.join(os.path.dirname(sys.executable), "sparvar")
+    # The console script where the package is installed; the module where it is only on the path.
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "sparvar.cli"]
     for sub in ("autotune", "configs", "plan", "bench"):
-        out = subprocess.run([sparvar, sub, "--help"], capture_output=True, text=True, cwd=tmp_path)
+        out = subprocess.run([*command, sub, "--help"], capture_output=True, text=True, cwd=tmp_path)
         assert out.returncode == 0 and "usage: sparvar" in out.stdout
