@@ -1,27 +1,27 @@
-"""Timing and checking one sparse step with given kernel configs, in a separate process.
+"""Timing and checking one plan step with given kernel configs, in a separate process.
 
-``StepMeasurer`` owns the inputs of every unit (random, fixed seed), checks each new config once
-against the float64 reference on one (batch, head) slice, and times it (``do_bench`` median on
-a GPU, wall-clock median in Triton's interpreter). ``BenchWorker`` runs a measurer in a spawned
-process and restarts it when the process dies (a CUDA fault poisons its context), so one bad
-trial never takes the study down.
+``StepMeasurer`` owns the inputs of every step (random, fixed seed, one KV cache per schedule so
+that later steps continue the decision step's keys), runs steps through the dispatcher
+(``sparvar.dispatch.run_step``), checks each new config once against the reference backend on
+one (batch, head) slice, and times it (``sparvar.timing``: CUDA graph replays on a GPU).
+``BenchWorker`` runs a measurer in a spawned process and restarts it when the process dies (a
+CUDA fault poisons its context), so one bad trial never takes the study down.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import statistics
-import time
+import signal
 import traceback
 from dataclasses import dataclass
 
 import torch
 
-import sparvar.kernels as K
 import sparvar.reference as R
-from sparvar.kernels.launch import KernelLaunchError
-
-from .space import Unit
+from sparvar.dispatch import Backend, run_step
+from sparvar.kernels import KernelLaunchError, Launch, dense_backend_for, launch_config
+from sparvar.reference import StepKind
+from sparvar.timing import time_gpu
 
 __all__ = ["Measurement", "StepMeasurer", "BenchWorker", "MeasurerSpec"]
 
@@ -29,11 +29,14 @@ __all__ = ["Measurement", "StepMeasurer", "BenchWorker", "MeasurerSpec"]
 @dataclass
 class Measurement:
     """``status``: ``ok``, ``compile`` (the config does not build or fit), ``wrong`` (fails the
-    reference check) or ``crash`` (the worker process died). ``ms`` for ``ok``."""
+    reference check) or ``crash`` (the worker process died). ``ms`` for ``ok``; ``method`` says
+    how it was timed; ``backend`` is the dense backend that ran (decision steps)."""
 
     status: str
     ms: float = float("nan")
     message: str = ""
+    method: str = ""
+    backend: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,112 +61,81 @@ class StepMeasurer:
         # The interpreter cannot do bf16 dots; fp32 keeps its checks tight.
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.tol = 1e-2 if self.cuda else 1e-4
-        self._inputs: dict[int, list[torch.Tensor]] = {}
+        last = self.schedule.num_scales - 1
+        # One cache for the whole schedule: step k's keys are the first L_k of it, as in generation.
+        self._cache = R.step_inputs(self.schedule, last, spec.batch, spec.heads, spec.head_dim,
+                                    dtype=self.dtype, device=self.device, seed=spec.seed)[1:]
+        q_all = R.step_inputs(self.schedule, last, spec.batch, spec.heads, spec.head_dim,
+                              dtype=self.dtype, device=self.device, seed=spec.seed + 1)[1]
+        self._queries = q_all
         self._checked: set = set()
         self._state = None
 
-    def inputs(self, step: int) -> list[torch.Tensor]:
-        if step not in self._inputs:
-            g = torch.Generator().manual_seed(self.spec.seed + step)
-            s, sp = self.schedule, self.spec
-            self._inputs[step] = [torch.randn(sp.batch, sp.heads, n, sp.head_dim, generator=g).to(self.device, self.dtype)
-                                  for n in (s.num_queries(step), s.num_keys(step), s.num_keys(step))]
-        return self._inputs[step]
+    def inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.schedule
+        k, v = (t[:, :, : s.num_keys(step)] for t in self._cache)
+        return self._queries[:, :, s.offsets[step]: s.offsets[step + 1]], k, v
 
     def decision_state(self):
         if self._state is None:
             d = self.plan.decision_scale
-            self._state = K.cs4a_decide(*self.inputs(d), self.schedule, d, self.plan.cs4a)[1]
+            self._state = run_step(StepKind.CS4A_DECIDE, *self.inputs(d), self.schedule, d, self.plan)[1]
         return self._state
 
-    def runner(self, unit_kind: str, step: int, configs: dict):
-        q, k, v = self.inputs(step)
-        s, plan = self.schedule, self.plan
-        if unit_kind == "csla":
-            return lambda: K.csla_attention(q, k, v, s, step, plan.csla, 1.0, config=configs["csla"])
-        if unit_kind == "cs4a_decide":
-            return lambda: K.cs4a_decide(q, k, v, s, step, plan.cs4a, 1.0, configs=configs)
-        if unit_kind == "cs4a_sparse":
-            state = self.decision_state()
-            return lambda: K.cs4a_sparse(q, k, v, s, step, plan.cs4a, state, 1.0, configs=configs)
-        if unit_kind == "dense":
-            return self._dense(q, k, v)
-        raise ValueError(f"unknown unit kind {unit_kind!r}")
-
-    def _dense(self, q, k, v):
-        """The dense baseline: cuDNN SDPA where it runs, else PyTorch's own choice."""
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        if self.cuda:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            def cudnn():
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    return sdpa(q, k, v, scale=1.0)
-            try:
-                cudnn()
-                return cudnn
-            except RuntimeError:
-                pass
-        return lambda: sdpa(q, k, v, scale=1.0)
-
-    def check(self, unit_kind: str, step: int, result) -> str:
-        """Empty string if the kernel output matches the reference on slice (0, 0), else why not."""
+    def check(self, kind: StepKind, step: int, result, state) -> str:
+        """Empty string if the kernel result matches the reference backend on slice (0, 0), else why."""
         q, k, v = (t[:1, :1].double() for t in self.inputs(step))
         s, plan = self.schedule, self.plan
-        if unit_kind == "csla":
-            pairs = [("out", result, R.csla_attention(q, k, v, s, step, plan.csla, 1.0), None)]
-        elif unit_kind == "cs4a_decide":
-            out, state = result
+        if kind == StepKind.CS4A_DECIDE:
             dense = R.dense_attention(q, k, v, 1.0)
-            pairs = [("O_dense", out, dense, None)]
+            pairs = [("O_dense", result, dense, None)]
             if state.residual is not None:
-                sel = R.selected_attention(q, k, v, s, step, plan.cs4a, state.kept[:1, :1].long(), 1.0)
+                sel = R.selected_attention(q, k, v, s, step, plan.cs4a, state.kept[:1, :1].long().cpu(), 1.0)
                 # R is a small difference: measure its error against the output's size.
-                pairs.append(("R", state.residual.reshape_as(out), dense - sel, dense))
+                pairs.append(("R", state.residual.reshape_as(result), dense - sel, dense))
         else:
-            st = self.decision_state()
-            res = None if st.residual is None else st.residual[:1, :1].double()
-            ref_state = R.CS4AState(st.decision_scale, st.kept[:1, :1].long(), res)
-            pairs = [("out", result, R.cs4a_sparse(q, k, v, s, step, plan.cs4a, ref_state, 1.0), None)]
-        for name, got, want, scale_ref in pairs:
-            got = got[:1, :1].double()
-            err = ((got - want).norm() / (scale_ref if scale_ref is not None else want).norm().clamp_min(1e-30)).item()
+            ref_state = None
+            if kind == StepKind.CS4A_SPARSE:
+                st = self.decision_state()
+                ref_state = R.CS4AState(st.decision_scale, st.kept[:1, :1].long().cpu(),
+                                        None if st.residual is None else st.residual[:1, :1].double().cpu())
+            want = run_step(kind, q.cpu(), k.cpu(), v.cpu(), s, step, plan, 1.0, ref_state, backend=Backend.REFERENCE)[0]
+            pairs = [("out", result, want, None)]
+        for name, got, want, norm_of in pairs:
+            err = R.relative_error(got[:1, :1].cpu(), want.cpu(), None if norm_of is None else norm_of.cpu())
             if not err < self.tol:
                 return f"{name} relative error {err:.2e} >= {self.tol:.0e} against the reference"
         return ""
 
-    def time_ms(self, fn) -> float:
-        if self.cuda:
-            import triton
-
-            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    def measure(self, unit_kind: str, step: int, configs: dict, plan: R.SparsityPlan | None = None) -> Measurement:
-        """Check (once per config) and time one unit; ``plan`` replaces the spec's plan (semantic search)."""
+    def measure(self, kind: StepKind, step: int, configs: dict, plan: R.SparsityPlan | None = None) -> Measurement:
+        """Check (once per config) and time one step; ``plan`` replaces the spec's plan (semantic search)."""
+        kind = StepKind(kind)
         if plan is not None and plan != self.plan:
             self.plan, self._state = plan, None
             self._checked.clear()
-        fn = self.runner(unit_kind, step, configs)
+        backend = ""
+        if kind == StepKind.CS4A_DECIDE:
+            backend = dense_backend_for(launch_config(configs, Launch.CS4A_DENSE), self._queries)[0].value
+        q, k, v = self.inputs(step)
+        state_in = self.decision_state() if kind == StepKind.CS4A_SPARSE else None
         try:
-            result = fn()
+            result, state = run_step(kind, q, k, v, self.schedule, step, self.plan, 1.0, state_in, configs=configs)
         except KernelLaunchError as e:
-            return Measurement("compile", message=str(e))
-        key = (unit_kind, step, tuple(sorted((k, c) for k, c in configs.items())))
-        if unit_kind != "dense" and key not in self._checked:
-            why = self.check(unit_kind, step, result)
+            return Measurement("compile", message=str(e), backend=backend)
+        key = (kind, step, tuple(sorted((str(k), c) for k, c in configs.items())))
+        if kind != StepKind.DENSE and key not in self._checked:
+            why = self.check(kind, step, result, state)
             if why:
-                return Measurement("wrong", message=why)
+                return Measurement("wrong", message=why, backend=backend)
             self._checked.add(key)
-        return Measurement("ok", self.time_ms(fn))
+        timing = time_gpu(lambda: run_step(kind, q, k, v, self.schedule, step, self.plan, 1.0, state_in,
+                                           configs=configs))
+        return Measurement("ok", timing.ms, method=timing.method, backend=backend)
 
 
 def _worker_main(conn, factory, args) -> None:
+    # Ctrl-C goes to the whole process group: the parent reports it; this process just ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     measurer = factory(*args)
     while True:
         try:
@@ -201,15 +173,14 @@ class BenchWorker:
         self._proc.start()
         child.close()
 
-    def measure(self, unit: Unit | str, step: int | None = None, configs: dict | None = None,
+    def measure(self, kind: StepKind | str, step: int, configs: dict | None = None,
                 plan: R.SparsityPlan | None = None) -> Measurement:
-        kind, step = (unit.kind, unit.step) if isinstance(unit, Unit) else (unit, step)
         if self._proc is None or not self._proc.is_alive():
             self.restarts += self._started
             self._started = True
             self._start()
         try:
-            self._conn.send((kind, step, configs or {}, plan))
+            self._conn.send((StepKind(kind), step, configs or {}, plan))
             if not self._conn.poll(self.timeout_s):
                 self._kill()
                 return Measurement("crash", message=f"no answer in {self.timeout_s:.0f} s; worker restarted")

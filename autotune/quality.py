@@ -15,48 +15,60 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
 from pathlib import Path
 
 import optuna
 import torch
 
+from sparvar.dispatch import StepDispatcher
 from sparvar.errors import SparvarError
 from sparvar.kernels import default_config
-from sparvar.reference import SparsityPlan
-from sparvar.runtime import SparseAttention
+from sparvar.records import Quality
+from sparvar.reference import SparsityPlan, relative_error
 
 from .measure import BenchWorker
+from .result import finish
+from .setup import TuneSetup
 from .space import plan_units
+from .storage import create_study, open_storage
 
-__all__ = ["check_quality_options", "load_calibration", "plan_error", "semantic_params", "run_quality_search",
-           "make_calibration"]
-
-
-def check_quality_options(opts) -> None:
-    if (opts.calibration is None) != (opts.max_rel_error is None):
-        raise SparvarError("--calibration and --max-rel-error go together: the semantic search needs both")
-    if not opts.max_rel_error > 0:
-        raise SparvarError(f"--max-rel-error must be > 0, got {opts.max_rel_error}")
-    if not Path(opts.calibration).is_file():
-        raise SparvarError(f"calibration file {opts.calibration} does not exist")
+__all__ = ["load_calibration", "plan_error", "semantic_params", "run_quality_search", "make_calibration",
+           "first_calibration_step"]
 
 
-def _first_step(num_scales: int) -> int:
+def first_calibration_step(num_scales: int) -> int:
+    """The smallest decision scale the semantic search tries (``S - 4``): calibration data starts there."""
     return max(0, num_scales - 4)
+
+
+def _read_calibration(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise SparvarError(f"calibration file {path} does not exist")
+    # torch.save writes a zip archive; anything else (a text file, a pickle of something else)
+    # would fail deep inside the unpickler with an unhelpful message.
+    if not zipfile.is_zipfile(path):
+        raise SparvarError(f"calibration file {path} is not a torch.save file (write it with `sparvar capture` "
+                           "or torch.save of {'scale': float, 'layers': {layer: {step: {'q', 'k', 'v'}}}})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise SparvarError(f"calibration file {path} cannot be read: {type(e).__name__}: {e}") from None
 
 
 def load_calibration(path: str | Path, schedule, depth: int) -> dict:
     """Load and validate; ``SparvarError`` names the layer, step and tensor that is wrong."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise SparvarError(f"calibration file {path} cannot be read: {type(e).__name__}: {e}") from None
+    data = _read_calibration(path)
     layers = data.get("layers") if isinstance(data, dict) else None
     if not isinstance(layers, dict) or not layers:
         raise SparvarError(f"calibration file {path}: expected a dict with a non-empty 'layers' dict")
-    first = _first_step(schedule.num_scales)
+    scale = data.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise SparvarError(f"calibration file {path}: 'scale' must be a number, got {scale!r}")
+    first = first_calibration_step(schedule.num_scales)
     for layer, steps in layers.items():
-        if not isinstance(layer, int) or not 0 <= layer < depth:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth:
             raise SparvarError(f"calibration file {path}: layer {layer!r} is not in [0, {depth - 1}]")
         for step in range(first, schedule.num_scales):
             entry = steps.get(step) if isinstance(steps, dict) else None
@@ -66,31 +78,32 @@ def load_calibration(path: str | Path, schedule, depth: int) -> dict:
             nq, nk = schedule.num_queries(step), schedule.num_keys(step)
             for n, want in (("q", nq), ("k", nk), ("v", nk)):
                 t = entry[n]
-                if t.dim() != 4 or t.shape[2] != want:
+                if t.dim() != 4 or t.shape[2] != want or not t.is_floating_point():
                     raise SparvarError(f"calibration file {path}: layer {layer} step {step} {n} has shape "
-                                       f"{tuple(t.shape)}, expected [B, H, {want}, D]")
-    return {"scale": float(data.get("scale", 1.0)), "layers": layers}
+                                       f"{tuple(t.shape)} ({t.dtype}), expected floating [B, H, {want}, D]")
+    return {"scale": float(scale), "layers": layers}
 
 
 def plan_error(plan: SparsityPlan, schedule, calibration: dict, device: str, dtype) -> float:
     """Largest relative error of the plan's attention against dense over the calibration data."""
-    attn = SparseAttention(plan, schedule)
+    attn = StepDispatcher(plan, schedule)
     worst = 0.0
     for layer, steps in calibration["layers"].items():
         attn.new_image()
-        for step in range(_first_step(schedule.num_scales), schedule.num_scales):
+        for step in range(first_calibration_step(schedule.num_scales), schedule.num_scales):
             q, k, v = (steps[step][n].to(device, dtype) for n in "qkv")
-            out = attn(layer, step, q, k, v, calibration["scale"]).double()
+            out = attn(layer, step, q, k, v, calibration["scale"])
             dense = torch.nn.functional.scaled_dot_product_attention(
                 *(t.double() for t in (q, k, v)), scale=calibration["scale"])
-            worst = max(worst, ((out - dense).norm() / dense.norm().clamp_min(1e-30)).item())
+            worst = max(worst, relative_error(out, dense))
     return worst
 
 
 def semantic_params(trial: optuna.Trial, base: SparsityPlan) -> SparsityPlan:
     """Sample a plan near the authors' default; invalid combinations are pruned with the reason."""
     S = base.num_scales
-    d = trial.suggest_categorical("decision_scale", sorted({max(_first_step(S), min(S - 1, base.decision_scale + o))
+    first = first_calibration_step(S)
+    d = trial.suggest_categorical("decision_scale", sorted({max(first, min(S - 1, base.decision_scale + o))
                                                             for o in (-1, 0, 1)}))
     sinks = trial.suggest_categorical("sink_scales", sorted({min(S - 1, s) for s in (3, 4, 5, 6)}))
     finest = [trial.suggest_categorical(f"win_rel[{t}]", [1, 3, 5, 7, 9, 11]) for t in range(min(3, S - sinks))]
@@ -107,20 +120,16 @@ def semantic_params(trial: optuna.Trial, base: SparsityPlan) -> SparsityPlan:
         raise optuna.TrialPruned(str(e)) from None
 
 
-def run_quality_search(opts, setup, storage_url: str):
-    """After the speed study: the semantic study, its Pareto plot, and the config it chooses."""
-    from .study import open_storage
-
-    calibration = load_calibration(opts.calibration, setup.schedule, setup.plan.depth)
+def run_quality_search(opts, setup: TuneSetup, storage_url: str, calibration: dict):
+    """The semantic study under the bound, its Pareto plot, and the config it chooses."""
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     storage = open_storage(storage_url, opts.lock_timeout)
     # Optuna 5 reads constraints set on the trial; older releases take a constraints function.
     native = hasattr(optuna.trial.Trial, "set_constraint")
     legacy = {} if native else {"constraints_func": lambda t: [t.user_attrs.get("constraint", 1.0)]}
-    study = optuna.create_study(
-        study_name=f"{setup.study_name}-semantic", storage=storage, directions=["minimize", "minimize"],
-        load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=opts.seed, **legacy))
+    study = create_study(f"{setup.study_name}-semantic", storage, storage_url, directions=["minimize", "minimize"],
+                         sampler=optuna.samplers.TPESampler(seed=opts.seed, **legacy))
     bound = opts.max_rel_error
     worker = BenchWorker(opts.measurer, (setup.spec,))
 
@@ -129,7 +138,7 @@ def run_quality_search(opts, setup, storage_url: str):
         err = plan_error(plan, setup.schedule, calibration, device, dtype)
         total = 0.0
         for unit in plan_units(plan):
-            m = worker.measure(unit, configs={n: default_config(n) for n in unit.launches}, plan=plan)
+            m = worker.measure(unit.kind, unit.step, {n: default_config(n) for n in unit.launches}, plan=plan)
             if m.status != "ok":
                 trial.set_user_attr("failure", f"{unit.key}: {m.status}: {m.message[:200]}")
                 raise optuna.TrialPruned(f"{unit.key}: {m.status}")
@@ -146,7 +155,7 @@ def run_quality_search(opts, setup, storage_url: str):
                              **{f"win_rel[{t}]": w for t, w in enumerate(setup.plan.win_rel[:3])},
                              "bound_layer": setup.plan.bound_layer, "keep_ratio": setup.plan.keep_ratio})
     done = sum(t.state.is_finished() for t in study.trials)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         study.optimize(objective, n_trials=max(0, opts.trials - done), timeout=opts.timeout)
     finally:
@@ -158,24 +167,13 @@ def run_quality_search(opts, setup, storage_url: str):
         raise SparvarError(f"no plan met --max-rel-error {bound} on the calibration data "
                            f"(smallest error {best}); raise the bound")
     chosen = min(feasible, key=lambda t: t.values[0])
-    plan = SparsityPlan.from_dict(chosen.user_attrs["plan"])
-    setup.plan = plan
-    setup.units = plan_units(plan)
-    setup.spec = dataclasses.replace(setup.spec, plan=plan)
-    return _finish_semantic(opts, setup, chosen, bound, study)
-
-
-def _finish_semantic(opts, setup, chosen, bound, study):
-    from .study import _finish
-
-    quality = {"metric": "max relative error of attention outputs against dense", "bound": bound,
-               "measured": chosen.user_attrs["rel_error"], "calibration": str(opts.calibration),
-               "trial": chosen.number}
+    setup = setup.with_plan(SparsityPlan.from_dict(chosen.user_attrs["plan"]))
+    quality = Quality("max relative error of attention outputs against dense", bound, chosen.user_attrs["rel_error"],
+                      str(opts.calibration), chosen.number)
     defaults = {u.key: (float("nan"), {}, "default") for u in setup.units}
-    config, path, summary = _finish(opts, setup, study, defaults, quality)
+    config, path, measured = finish(opts, setup, study, defaults, quality)
     plot_pareto(study, bound, path.with_suffix(".pareto.png"))
-    summary["quality"] = quality
-    return config, path, summary
+    return config, path, measured
 
 
 def plot_pareto(study: optuna.Study, bound: float, path: Path) -> Path:
@@ -227,7 +225,7 @@ def make_calibration(path: str | Path, schedule, layers, heads: int, head_dim: i
         v_all = torch.randn(batch, heads, k_all.shape[2], head_dim, generator=g)
         q_all = k_all + 0.1 * torch.randn(k_all.shape, generator=g)
         steps = {}
-        for step in range(_first_step(schedule.num_scales), schedule.num_scales):
+        for step in range(first_calibration_step(schedule.num_scales), schedule.num_scales):
             lo, hi = schedule.offsets[step], schedule.offsets[step + 1]
             steps[step] = {"q": q_all[:, :, lo:hi].contiguous(), "k": k_all[:, :, :hi].contiguous(),
                            "v": v_all[:, :, :hi].contiguous()}

@@ -11,10 +11,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .config import STEP_KINDS, KernelConfig, default_config  # noqa: E402
-from .cs4a import column_scores, cs4a_decide, cs4a_sparse, select_keys, selected_attention  # noqa: E402
+from .config import LAUNCHES, DenseBackend, KernelConfig, Launch, LaunchKey, default_config  # noqa: E402
+from .cs4a import (LaunchConfigs, column_scores, cs4a_decide, cs4a_sparse, dense_with_lse, kept_table,  # noqa: E402
+                   launch_config, scores_from_lse, select_keys, selected_attention, selected_residual)
 from .csla import csla_attention  # noqa: E402
-from .launch import KernelLaunchError, interpreting  # noqa: E402
+from .launch import KernelLaunchError, dense_backend_for, interpreting  # noqa: E402
 
-__all__ = ["STEP_KINDS", "KernelConfig", "default_config", "column_scores", "cs4a_decide", "cs4a_sparse",
-           "select_keys", "selected_attention", "csla_attention", "KernelLaunchError", "interpreting"]
+__all__ = ["LAUNCHES", "DenseBackend", "KernelConfig", "Launch", "LaunchKey", "default_config", "LaunchConfigs",
+           "launch_config", "column_scores", "cs4a_decide", "cs4a_sparse", "dense_with_lse", "kept_table",
+           "scores_from_lse", "select_keys", "selected_attention", "selected_residual", "csla_attention",
+           "KernelLaunchError", "dense_backend_for", "interpreting"]

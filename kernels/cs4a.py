@@ -1,54 +1,40 @@
-"""CS4A kernel entry points (twins of ``sparvar.reference.cs4a``): column scores, selected
-attention, the decision step and the sparse step."""
+"""CS4A kernel entry points (twins of ``sparvar.reference.cs4a``): column scores, key selection,
+selected attention, the decision step and the sparse step. The decision step's passes are public
+too (``dense_with_lse``, ``scores_from_lse``, ``selected_residual``) so that benchmarks can time
+them one by one."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from sparvar.reference import CS4AParams, CS4AState, Schedule, check_step_inputs, num_keep
-from sparvar.reference.cs4a import _check_decision, check_state
+from sparvar.reference import (CS4AParams, CS4AState, Schedule, check_decision, check_state, check_step_inputs,
+                               num_groups, num_keep)
 
-from .config import KernelConfig, default_config
-from .launch import check_device, check_kernel_inputs, column_scores_fwd, dense_lse_fwd, select_topk_fwd, sparse_attn_fwd
-from .tiles import group_tiles, residual_tables
+from .config import DenseBackend, KernelConfig, Launch, default_config
+from .launch import (PlanCache, attention_fwd, check_device, check_kernel_inputs, column_scores_fwd,
+                     dense_backend_for, dense_lse_fwd, select_topk_fwd, signature)
+from .sparse_attn import Epilogue
+from .tiles import dense_tiles, group_tiles, residual_tables
 
-__all__ = ["column_scores", "select_keys", "selected_attention", "cs4a_decide", "cs4a_sparse"]
+__all__ = ["LaunchConfigs", "launch_config", "column_scores", "select_keys", "selected_attention", "cs4a_decide",
+           "cs4a_sparse", "dense_with_lse", "scores_from_lse", "selected_residual", "kept_table"]
 
-Configs = dict[str, KernelConfig]
+#: Kernel configs by launch; a launch not in the mapping uses ``default_config``.
+LaunchConfigs = dict[Launch, KernelConfig]
 
-
-def _cfg(configs: Configs | None, kind: str) -> KernelConfig:
-    return (configs or {}).get(kind) or default_config(kind)
-
-
-def column_scores(q: torch.Tensor, k: torch.Tensor, scale: float, group_size: int, *,
-                  configs: Configs | None = None) -> torch.Tensor:
-    """Column scores ``[B, H, n_groups, L]`` (fp32), each query's probabilities normalised by
-    its full softmax: a dense pass gives the log-sum-exp, a second pass sums ``exp(s - lse)``
-    over the queries of each tile, and tiles are added per group (no atomics)."""
-    check_kernel_inputs(q, k)
-    _, lse = dense_lse_fwd(q, k, k, scale, _cfg(configs, "cs4a_dense"))
-    return scores_from_lse(q, k, lse, scale, group_size, configs)
+_PLANS = PlanCache()
 
 
-def scores_from_lse(q, k, lse, scale, group_size, configs=None):
-    """The column-score pass alone, given the dense pass's log-sum-exp ``[B, H, Lq]``."""
-    cfg = _cfg(configs, "cs4a_scores")
-    # The tiles only depend on the query count and group size: a one-scale schedule describes them.
-    tables = group_tiles(Schedule([(1, q.shape[2])]), 0, CS4AParams(0, group_size, 1.0, ()), cfg.block_m, cfg.block_n)
-    return column_scores_fwd(q, k, lse, scale, tables, group_size, cfg)
+def launch_config(configs: LaunchConfigs | None, launch: Launch) -> KernelConfig:
+    """The config of ``launch`` in ``configs``, else its default."""
+    return (configs or {}).get(launch) or default_config(launch)
 
 
-def select_keys(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Top-``n_keep`` of each row of non-negative scores, ties to the lower index, ascending,
-    as int32 (twin of the reference's ``select_keys``): one program per row bisects the bits."""
-    if not isinstance(n_keep, int) or not 1 <= n_keep <= scores.shape[-1]:
-        raise ValueError(f"n_keep must be an int in [1, {scores.shape[-1]}], got {n_keep!r}")
-    check_device(scores)
-    return select_topk_fwd(scores.float(), n_keep)
-
-
-def _kept_table(kept: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def kept_table(kept: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Kept indices ``[B, H, G, n_keep]`` as the kernels read them: ``[B*H, G, n_keep]`` int32 on
+    ``q``'s device (a view when they already are)."""
     if kept.device != q.device:
         raise ValueError(f"kept key indices are on {kept.device}, the inputs on {q.device}")
     if kept.dtype not in (torch.int32, torch.int64):
@@ -57,76 +43,185 @@ def _kept_table(kept: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return kept.reshape(B * H, *kept.shape[2:]).to(torch.int32).contiguous()
 
 
+@dataclass(frozen=True)
+class _DensePlan:
+    config: KernelConfig
+    backend: DenseBackend
+    why: str
+    q_idx: torch.Tensor | None
+
+
+def _dense_plan(q, config: KernelConfig) -> _DensePlan:
+    backend, why = dense_backend_for(config, q)
+    q_idx = dense_tiles(q.shape[2], config.block_m).to(q.device) if backend is DenseBackend.TRITON else None
+    return _DensePlan(config, backend, why, q_idx)
+
+
+def dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *,
+                   config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, DenseBackend]:
+    """Dense attention, its log-sum-exp ``[B, H, Lq]`` (fp32, natural log) and the backend that
+    ran (``config.backend`` where it can run here, else the Triton kernel). Library outputs keep
+    PyTorch's handling of non-finite values (``cs4a_decide`` applies the project's rule)."""
+    cfg = config or default_config(Launch.CS4A_DENSE)
+    plan = _PLANS.get(("dense", cfg, signature(q, k, v)), lambda: (check_kernel_inputs(q, k, v), _dense_plan(q, cfg))[1])
+    out, lse = dense_lse_fwd(q, k, v, scale, plan.config, plan.q_idx, plan.backend)
+    return out, lse, plan.backend
+
+
+def scores_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, group_size: int, *,
+                    config: KernelConfig | None = None) -> torch.Tensor:
+    """The column-score pass alone, given each query's log-sum-exp ``[B, H, Lq]``."""
+    return column_scores_fwd(q, k, lse, scale, group_size, config or default_config(Launch.CS4A_SCORES))
+
+
+def column_scores(q: torch.Tensor, k: torch.Tensor, scale: float, group_size: int, *,
+                  configs: LaunchConfigs | None = None) -> torch.Tensor:
+    """Column scores ``[B, H, n_groups, L]`` (fp32), each query's probabilities normalised by
+    its full softmax: a log-sum-exp pass (no values), then per (key block, group) a sum of
+    ``exp(s - lse)`` over the group's queries (twin of the reference's ``column_scores``)."""
+    check_kernel_inputs(q, k)
+    cfg = launch_config(configs, Launch.CS4A_DENSE)
+    _, lse = attention_fwd(q, k, None, q_idx=dense_tiles(q.shape[2], cfg.block_m).to(q.device), config=cfg,
+                           scale=scale, name="lse", kv_dense=True, store_lse=True)
+    return scores_from_lse(q, k, lse, scale, group_size, config=launch_config(configs, Launch.CS4A_SCORES))
+
+
+def select_keys(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Top-``n_keep`` of each row, ties to the lower index, NaN above every number, ascending,
+    as int32 (twin of the reference's ``select_keys``): one program per row runs a radix select."""
+    if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 1 <= n_keep <= scores.shape[-1]:
+        raise ValueError(f"n_keep must be an int in [1, {scores.shape[-1]}], got {n_keep!r}")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    check_device(scores)
+    return select_topk_fwd(scores.float(), n_keep)
+
+
+def _group_tables(q, schedule, step, params, config: KernelConfig) -> dict:
+    tiles = group_tiles(schedule, step, params, config.block_m).to(q.device)
+    return dict(q_idx=tiles.q_idx, tile_src=tiles.tile_src, tile_band=tiles.tile_band, row_band=tiles.row_band)
+
+
+def _checked_group_tables(q, k, v, schedule, step, params, config, after: bool) -> dict:
+    check_step_inputs(q, k, v, schedule, step)
+    check_kernel_inputs(q, k, v)
+    check_decision(step, params, after=after)
+    return _group_tables(q, schedule, step, params, config)
+
+
+def selected_residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, step: int,
+                      params: CS4AParams, kept: torch.Tensor, dense: torch.Tensor, scale: float = 1.0, *,
+                      config: KernelConfig | None = None) -> torch.Tensor:
+    """``R = O_dense - O_sel`` at the decision scale, ``[B, H, h_d*w_d, D]``; rows of ``dense``
+    holding a non-finite value are made all-NaN in place first (the reference's rule)."""
+    cfg = config or default_config(Launch.CS4A_SELECT)
+    tables = _PLANS.get(("select", schedule, step, params, cfg, signature(q, k, v)),
+                        lambda: _checked_group_tables(q, k, v, schedule, step, params, cfg, after=False))
+    return attention_fwd(q, k, v, config=cfg, scale=scale, name="cs4a_select", kept=kept_table(kept, q),
+                         epilogue=Epilogue.RESIDUAL_FROM_DENSE, res=dense, **tables)[0]
+
+
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, step: int,
                        params: CS4AParams, kept: torch.Tensor, scale: float = 1.0, *,
-                       configs: Configs | None = None) -> torch.Tensor:
+                       configs: LaunchConfigs | None = None) -> torch.Tensor:
     """``O_sel``: attention over the source group's kept keys plus, after ``d``, the bands.
 
     ``kept``: ``[B, H, n_groups(d), n_keep]`` integer key indices (the decision state's).
     """
-    check_step_inputs(q, k, v, schedule, step)
-    check_kernel_inputs(q, k, v)
-    kind = "cs4a_select" if step == params.decision_scale else "cs4a_sparse"
-    cfg = _cfg(configs, kind)
-    tables = group_tiles(schedule, step, params, cfg.block_m, cfg.block_n)
-    out, _ = sparse_attn_fwd(q, k, v, tables, cfg, scale, name=kind, kept=_kept_table(kept, q),
-                             kv_list=step > params.decision_scale)
-    return out
+    launch = Launch.CS4A_SELECT if step == params.decision_scale else Launch.CS4A_SPARSE
+    cfg = launch_config(configs, launch)
+    tables = _PLANS.get(("selected", schedule, step, params, cfg, signature(q, k, v)),
+                        lambda: _checked_group_tables(q, k, v, schedule, step, params, cfg,
+                                                      after=step > params.decision_scale))
+    return attention_fwd(q, k, v, config=cfg, scale=scale, name=str(launch), kept=kept_table(kept, q), **tables)[0]
+
+
+@dataclass(frozen=True)
+class _DecidePlan:
+    dense: _DensePlan
+    scores: KernelConfig
+    select: KernelConfig
+    select_tables: dict
+    n_keep: int
+    grid: tuple[int, int]
+
+
+def _decide_plan(q, k, v, schedule, step, params, configs) -> _DecidePlan:
+    tables = _checked_group_tables(q, k, v, schedule, step, params, configs[2], after=False)
+    return _DecidePlan(_dense_plan(q, configs[0]), configs[1], configs[2], tables,
+                       num_keep(k.shape[2], params.keep_ratio), schedule.grids[step])
 
 
 def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, step: int,
                 params: CS4AParams = CS4AParams(), scale: float = 1.0, *,
-                configs: Configs | None = None) -> tuple[torch.Tensor, CS4AState]:
+                configs: LaunchConfigs | None = None) -> tuple[torch.Tensor, CS4AState]:
     """CS4A decision step (SPEC section 4): ``(O_dense, state)``.
 
     Args:
         q: ``[B, H, h_d*w_d, D]``; k, v: ``[B, H, L_d, D]`` (fp16, bf16 or fp32).
-        configs: per launch kind (``cs4a_dense``, ``cs4a_scores``, ``cs4a_select``) a ``KernelConfig``.
+        configs: per launch (``cs4a_dense``, ``cs4a_scores``, ``cs4a_select``) a ``KernelConfig``.
 
-    Passes: dense attention with log-sum-exp; column scores per group; a stable sort picks the
-    kept keys; if ``residual``, selected attention whose epilogue writes ``R = O_dense - O_sel``.
-    ``state.kept`` is int32 ``[B, H, n_groups, n_keep]``; ``state.residual`` is in ``q``'s dtype.
+    Passes: dense attention with log-sum-exp (cuDNN, flash or Triton: ``cs4a_dense.backend``);
+    column scores per group; a radix select keeps ``n_keep`` keys per group; if ``residual``,
+    selected attention whose epilogue writes ``R = O_dense - O_sel``. ``state.kept`` is int32
+    ``[B, H, n_groups, n_keep]``; ``state.residual`` is in ``q``'s dtype. Non-finite inputs as
+    ``sparvar.reference.attention`` says, kept sets included.
 
     Example::
 
         out, state = cs4a_decide(q, k, v, infinity_schedule(), 10)
     """
-    check_step_inputs(q, k, v, schedule, step)
-    check_kernel_inputs(q, k, v)
-    _check_decision(step, params, after=False)
-    out, lse = dense_lse_fwd(q, k, v, scale, _cfg(configs, "cs4a_dense"))
-    scores = scores_from_lse(q, k, lse, scale, params.group_size, configs)
-    kept = select_keys(scores, num_keep(k.shape[2], params.keep_ratio))
+    cfgs = tuple(launch_config(configs, x) for x in (Launch.CS4A_DENSE, Launch.CS4A_SCORES, Launch.CS4A_SELECT))
+    plan = _PLANS.get(("decide", schedule, step, params, cfgs, signature(q, k, v)),
+                      lambda: _decide_plan(q, k, v, schedule, step, params, cfgs))
+    out, lse = dense_lse_fwd(q, k, v, scale, plan.dense.config, plan.dense.q_idx, plan.dense.backend)
+    scores = column_scores_fwd(q, k, lse, scale, params.group_size, plan.scores)
+    kept = select_topk_fwd(scores, plan.n_keep)
     residual = None
     if params.residual:
-        cfg = _cfg(configs, "cs4a_select")
-        tables = group_tiles(schedule, step, params, cfg.block_m, cfg.block_n)
-        res, _ = sparse_attn_fwd(q, k, v, tables, cfg, scale, name="cs4a_select", kept=_kept_table(kept, q),
-                                 epilogue=2, res=out)
-        hd, wd = schedule.grids[step]
-        residual = res.reshape(*res.shape[:2], hd, wd, res.shape[3])
+        res = attention_fwd(q, k, v, config=plan.select, scale=scale, name="cs4a_select",
+                            kept=kept.view(-1, *kept.shape[2:]), epilogue=Epilogue.RESIDUAL_FROM_DENSE, res=out,
+                            **plan.select_tables)[0]
+        residual = res.view(*res.shape[:2], *plan.grid, res.shape[3])
+    elif plan.dense.backend is not DenseBackend.TRITON:
+        out = out.masked_fill(~torch.isfinite(out).all(dim=-1, keepdim=True), float("nan"))
     return out, CS4AState(step, kept, residual)
+
+
+@dataclass(frozen=True)
+class _SparsePlan:
+    config: KernelConfig
+    tables: dict
+    res_tables: tuple | None
+
+
+def _sparse_plan(q, k, v, schedule, step, params, cfg) -> _SparsePlan:
+    tables = _checked_group_tables(q, k, v, schedule, step, params, cfg, after=True)
+    res_tables = None
+    if params.residual:
+        idx, w = residual_tables(schedule.grids[params.decision_scale], schedule.grids[step])
+        res_tables = (idx.to(q.device), w.to(q.device))
+    return _SparsePlan(cfg, tables, res_tables)
 
 
 def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, step: int,
                 params: CS4AParams, state: CS4AState, scale: float = 1.0, *,
-                configs: Configs | None = None) -> torch.Tensor:
+                configs: LaunchConfigs | None = None) -> torch.Tensor:
     """CS4A later step ``step > d`` (SPEC section 4): ``O_sel + up(R)``, the residual fused in
-    the epilogue (4 bilinear taps per query). Shapes as the reference; ``configs`` key
-    ``cs4a_sparse``."""
-    check_step_inputs(q, k, v, schedule, step)
-    check_kernel_inputs(q, k, v)
-    _check_decision(step, params, after=True)
+    the epilogue (4 bilinear taps per query). Tiles run across consecutive groups that inherit
+    the same decision group, each row limited to its own group's bands. Shapes as the reference;
+    ``configs`` key ``cs4a_sparse``."""
+    cfg = launch_config(configs, Launch.CS4A_SPARSE)
+    plan = _PLANS.get(("sparse", schedule, step, params, cfg, signature(q, k, v)),
+                      lambda: _sparse_plan(q, k, v, schedule, step, params, cfg))
+    # What the state holds can change between calls: its check is cheap (shapes and devices).
     check_state(state, q, schedule, params)
-    cfg = _cfg(configs, "cs4a_sparse")
-    tables = group_tiles(schedule, step, params, cfg.block_m, cfg.block_n)
-    res, res_tables = None, None
+    res = None
     if params.residual:
         if state.residual.device != q.device:
             raise ValueError(f"state.residual is on {state.residual.device}, the inputs on {q.device}")
-        d = params.decision_scale
         res = state.residual.reshape(*state.residual.shape[:2], -1, state.residual.shape[-1])
-        res_tables = residual_tables(schedule.grids[d], schedule.grids[step])
-    out, _ = sparse_attn_fwd(q, k, v, tables, cfg, scale, name="cs4a_sparse", kept=_kept_table(state.kept, q),
-                             kv_list=True, epilogue=1 if params.residual else 0, res=res, res_tables=res_tables)
-    return out
+    idx, w = plan.res_tables if plan.res_tables is not None else (None, None)
+    return attention_fwd(q, k, v, config=plan.config, scale=scale, name="cs4a_sparse",
+                         kept=kept_table(state.kept, q), epilogue=Epilogue.ADD_RESIDUAL if params.residual else
+                         Epilogue.NONE, res=res, res_idx=idx, res_w=w, **plan.tables)[0]

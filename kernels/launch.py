@@ -1,19 +1,25 @@
-"""Launchers: allocate outputs, build grids, pick configs, turn launch failures into clear errors."""
+"""Launchers: allocate outputs, build grids, turn launch failures into clear errors.
+
+Every launch passes keyword arguments; an absent tensor is ``None`` and the kernel derives the
+flag that uses it. Entry points (``csla.py``, ``cs4a.py``) keep a ``LaunchPlan`` per
+(tables, config, shapes, dtypes, devices): the device tables and the grid are built and the
+inputs validated once, so a call with the same signature only looks the plan up.
+"""
 
 from __future__ import annotations
 
 import os
-import warnings
+from dataclasses import dataclass
 
 import torch
 import triton
 
-from .config import KernelConfig
-from .sparse_attn import LOG2E, _column_scores_kernel, _select_topk_kernel, _sparse_attn_fwd_kernel
-from .tiles import TileTables, dense_tiles, to_device
+from .config import DenseBackend, KernelConfig
+from .sparse_attn import LOG2E, Epilogue, _column_scores_kernel, _select_topk_kernel, _sparse_attn_fwd_kernel
 
-__all__ = ["KernelLaunchError", "check_kernel_inputs", "sparse_attn_fwd", "column_scores_fwd", "select_topk_fwd",
-           "dense_lse_fwd", "interpreting"]
+__all__ = ["KernelLaunchError", "check_kernel_inputs", "check_device", "interpreting", "attention_fwd",
+           "column_scores_fwd", "select_topk_fwd", "dense_lse_fwd", "dense_backend_for", "signature",
+           "LaunchPlan", "PlanCache"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -30,7 +36,8 @@ def _empty(*args, **kwargs) -> torch.Tensor:
 
 
 class KernelLaunchError(RuntimeError):
-    """A kernel failed to compile or launch with a given config (e.g. out of shared memory)."""
+    """A kernel failed to compile or launch with a given config (e.g. out of shared memory), or a
+    library backend the config names cannot run here."""
 
 
 def interpreting() -> bool:
@@ -58,104 +65,165 @@ def check_device(t: torch.Tensor) -> None:
         raise ValueError(f"kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {t.device}")
 
 
-def _launch(kernel, grid, name: str, config: KernelConfig, *args, **kwargs) -> None:
+def signature(*tensors: torch.Tensor | None) -> tuple:
+    """What may change between calls of one plan and must key it: shapes, dtypes, devices."""
+    return tuple((t.shape, t.dtype, t.device) if t is not None else None for t in tensors)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Device tables and constants of one launch, valid for one ``signature`` of its inputs."""
+
+    config: KernelConfig
+    tables: dict
+
+    def attention(self, q, k, v, scale: float, **extra):
+        return attention_fwd(q, k, v, config=self.config, scale=scale, **self.tables, **extra)
+
+
+class PlanCache:
+    """Plans by key, built once by ``build()`` (which validates); bounded so that a long run over
+    many shapes does not keep every table alive."""
+
+    def __init__(self, maxsize: int = 256):
+        self._plans: dict = {}
+        self.maxsize = maxsize
+
+    def get(self, key, build):
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build()
+            if len(self._plans) >= self.maxsize:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+def _launch(kernel, grid, name: str, config: KernelConfig, **kwargs) -> None:
     try:
-        kernel[grid](*args, num_warps=config.num_warps, num_stages=config.num_stages, **kwargs)
+        kernel[grid](num_warps=config.num_warps, num_stages=config.num_stages, **kwargs)
     except (triton.CompilationError, triton.runtime.errors.OutOfResources) as e:
         raise KernelLaunchError(f"{name} kernel failed with {config}: {type(e).__name__}: {e}") from e
 
 
-def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: TileTables,
-                    config: KernelConfig, scale: float, *, name: str, kv_dense: bool = False, kv_list: bool = False,
-                    kept: torch.Tensor | None = None, token_mask: bool = False, epilogue: int = 0,
-                    res: torch.Tensor | None = None, res_tables=None, store_lse: bool = False):
-    """Run ``_sparse_attn_fwd_kernel`` over ``tables``; returns ``(out, lse or None)``.
+def _strides(t: torch.Tensor | None, n: int = 4) -> tuple:
+    return t.stride() if t is not None else (0,) * n
 
-    ``kept``: ``[B*H, n_src_groups, n_keep]`` int32. ``res``: ``[B, H, n, D]`` (residual to up-sample
-    for ``epilogue=1`` with ``res_tables=(idx, w)``; the dense output for ``epilogue=2``).
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, *, q_idx: torch.Tensor,
+                  config: KernelConfig, scale: float, name: str, kv_dense: bool = False,
+                  kv_idx: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
+                  kv_bits: torch.Tensor | None = None, kept: torch.Tensor | None = None,
+                  tile_src: torch.Tensor | None = None, tile_band: torch.Tensor | None = None,
+                  row_band: torch.Tensor | None = None, epilogue: Epilogue = Epilogue.NONE,
+                  res: torch.Tensor | None = None, res_idx: torch.Tensor | None = None,
+                  res_w: torch.Tensor | None = None, store_lse: bool = False):
+    """Run ``_sparse_attn_fwd_kernel`` over the tiles of ``q_idx [T, BM]``; returns
+    ``(out or None, lse or None)``. ``v=None`` computes the log-sum-exp alone.
+
+    ``kept``: ``[B*H, n_src_groups, n_keep]`` int32 with ``tile_src [T]``. ``res``: the residual
+    ``[B, H, n, D]`` to up-sample (``Epilogue.ADD_RESIDUAL``, with ``res_idx``/``res_w``) or the
+    dense output (``Epilogue.RESIDUAL_FROM_DENSE``). All tables must be on ``q``'s device.
     """
     B, H, NQ, D = q.shape
-    dev = q.device
-    q_idx, kv_idx, kv_len = (to_device(t, dev) for t in (tables.q_idx, tables.kv_idx, tables.kv_len))
-    kv_bits = to_device(tables.kv_bits, dev) if token_mask else kv_idx
-    tile_src = to_device(tables.tile_src, dev) if kept is not None else kv_len
-    out = _empty(B, H, NQ, D, device=dev, dtype=q.dtype)
-    lse = _empty(B, H, NQ, device=dev, dtype=torch.float32) if store_lse else out
-    res_t = res if res is not None else out
-    res_idx, res_w = (to_device(t, dev) for t in res_tables) if res_tables is not None else (kv_len, kv_len)
-    kept_t = kept if kept is not None else kv_len
-    n_src, n_keep = (kept.shape[1], kept.shape[2]) if kept is not None else (1, 0)
-    grid = (tables.num_tiles, B * H)
-    _launch(_sparse_attn_fwd_kernel, grid, name, config,
-            q, k, v, out, lse, res_t, q_idx, kv_idx, kv_len, kv_bits, kept_t, tile_src, res_idx, res_w,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *res_t.stride(),
-            H, k.shape[2], NQ, kv_idx.shape[1], n_keep, n_src, scale * LOG2E,
-            BM=config.block_m, BN=config.block_n, D=D, NWORDS=max(1, config.block_m // 64),
-            KV_DENSE=kv_dense, HAS_KEPT=kept is not None, HAS_LIST=kv_list,
-            TOKEN_MASK=token_mask, EPILOGUE=epilogue, STORE_LSE=store_lse, IEEE=q.dtype == torch.float32)
-    return out, (lse if store_lse else None)
+    out = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype) if v is not None else None
+    lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32) if store_lse else None
+    _launch(_sparse_attn_fwd_kernel, (q_idx.shape[0], B * H), name, config,
+            q=q, k=k, v=v, o=out, lse=lse, res=res, q_idx=q_idx, kv_idx=kv_idx, kv_len=kv_len, kv_bits=kv_bits,
+            kept=kept, tile_src=tile_src, tile_band=tile_band, row_band=row_band, res_idx=res_idx, res_w=res_w,
+            **dict(zip(("stride_qb", "stride_qh", "stride_ql", "stride_qd"), q.stride())),
+            **dict(zip(("stride_kb", "stride_kh", "stride_kl", "stride_kd"), k.stride())),
+            **dict(zip(("stride_vb", "stride_vh", "stride_vl", "stride_vd"), _strides(v))),
+            **dict(zip(("stride_ob", "stride_oh", "stride_ol", "stride_od"), _strides(out))),
+            **dict(zip(("stride_rb", "stride_rh", "stride_rl", "stride_rd"), _strides(res))),
+            H=H, L=k.shape[2], NQ=NQ, NK=kv_idx.shape[1] if kv_idx is not None else 0,
+            n_keep=kept.shape[2] if kept is not None else 0, n_src=kept.shape[1] if kept is not None else 1,
+            NB=row_band.shape[1] if row_band is not None else 0, qk_scale=scale * LOG2E,
+            BM=config.block_m, BN=config.block_n, D=D, NWORDS=kv_bits.shape[2] if kv_bits is not None else 1,
+            KV_DENSE=kv_dense, EPILOGUE=int(epilogue), IEEE=q.dtype == torch.float32)
+    return out, lse
 
 
-def column_scores_fwd(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, tables: TileTables,
-                      group_size: int, config: KernelConfig) -> torch.Tensor:
-    """``[B, H, n_groups, L]`` fp32 column scores normalised by ``lse`` (natural log).
-
-    ``tables``: group tiles of the decision scale (``group_tiles``) with ``config.block_m``.
-    Per-tile partial sums are added per group in tile order (deterministic, no atomics).
-    """
+def column_scores_fwd(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, group_size: int,
+                      config: KernelConfig) -> torch.Tensor:
+    """``[B, H, n_groups, L]`` fp32 column scores normalised by ``lse`` ``[B, H, Lq]`` (natural
+    log): one program per (key block, group, batch*head), queries of the group in sub-tiles of
+    ``config.block_m``."""
     B, H, NQ, D = q.shape
-    L, T = k.shape[2], tables.num_tiles
-    partial = _empty(B * H, T + 1, L, device=q.device, dtype=torch.float32)
-    partial[:, T].zero_()
-    _launch(_column_scores_kernel, (T, B * H), "cs4a_scores", config,
-            q, k, lse, partial, to_device(tables.q_idx, q.device), *q.stride(), *k.stride(),
-            H, L, NQ, T + 1, scale * LOG2E, BM=config.block_m, BN=config.block_n, D=D, IEEE=q.dtype == torch.float32)
-    scores = partial[:, to_device(tables.members, q.device)].sum(dim=2)
-    return scores.reshape(B, H, -1, L)
+    L = k.shape[2]
+    n_groups = -(-NQ // group_size)
+    scores = _empty(B, H, n_groups, L, device=q.device, dtype=torch.float32)
+    _launch(_column_scores_kernel, (triton.cdiv(L, config.block_n), n_groups, B * H), "cs4a_scores", config,
+            q=q, k=k, lse=lse, scores=scores,
+            **dict(zip(("stride_qb", "stride_qh", "stride_ql", "stride_qd"), q.stride())),
+            **dict(zip(("stride_kb", "stride_kh", "stride_kl", "stride_kd"), k.stride())),
+            H=H, L=L, NQ=NQ, group_size=group_size, n_groups=n_groups, qk_scale=scale * LOG2E,
+            BM=config.block_m, BN=config.block_n, D=D, IEEE=q.dtype == torch.float32)
+    return scores
 
 
-# Rows longer than this fall back to a stable sort (the bisection keeps a row in registers).
+# Rows longer than this fall back to a stable sort (the radix select keeps a row in registers).
 _TOPK_MAX_LEN = 32768
+_TOPK_CONFIG = KernelConfig(16, 16, 8, 1)
 
 
 def select_topk_fwd(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """``[..., L]`` non-negative scores -> ``[..., n_keep]`` int32 indices, ascending, ties to the
-    lower index (SPEC section 4, step 3)."""
+    """``[..., L]`` fp32 scores -> ``[..., n_keep]`` int32 indices, ascending, ties to the lower
+    index, NaN above every number (SPEC section 4, step 3, and the reference's reading)."""
     L = scores.shape[-1]
     if L > _TOPK_MAX_LEN:
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_keep]
         return torch.sort(order, dim=-1).values.to(torch.int32)
     rows = scores.reshape(-1, L).contiguous()
     kept = _empty(*scores.shape[:-1], n_keep, device=scores.device, dtype=torch.int32)
-    BL = triton.next_power_of_2(L)
-    _launch(_select_topk_kernel, (rows.shape[0],), "cs4a_topk", KernelConfig(16, 16, 8 if BL >= 4096 else 4, 1),
-            rows, kept, L, n_keep, BL=BL)
+    _launch(_select_topk_kernel, (rows.shape[0],), "cs4a_topk", _TOPK_CONFIG,
+            scores=rows, kept=kept, L=L, n_keep=n_keep, BL=triton.next_power_of_2(L))
     return kept
 
 
-_warned_backends: set = set()
+def dense_backend_for(config: KernelConfig, q: torch.Tensor) -> tuple[DenseBackend, str]:
+    """The dense backend that runs for ``config`` on inputs like ``q``, and why: a library
+    backend needs CUDA (not the interpreter), fp16/bf16, a head dim it supports and the library
+    enabled in PyTorch; otherwise the Triton kernel runs. Deterministic, so a trial can record it."""
+    want = DenseBackend(config.backend)
+    if want is DenseBackend.TRITON:
+        return want, "asked for"
+    if interpreting() or q.device.type != "cuda":
+        return DenseBackend.TRITON, f"{want} needs a CUDA device"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return DenseBackend.TRITON, f"{want} takes float16 or bfloat16, got {q.dtype}"
+    if want is DenseBackend.CUDNN:
+        ok = torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled() and q.shape[-1] <= 128
+        return (want, "available") if ok else (DenseBackend.TRITON, "cuDNN attention is not available here")
+    ok = torch.backends.cuda.flash_sdp_enabled() and q.shape[-1] <= 256
+    return (want, "available") if ok else (DenseBackend.TRITON, "flash attention is not available here")
 
 
-def dense_lse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: KernelConfig):
-    """Dense attention and its log-sum-exp ``[B, H, Lq]`` (fp32, natural log).
+def dense_lse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: KernelConfig,
+                  q_idx: torch.Tensor, backend: DenseBackend):
+    """Dense attention and its log-sum-exp ``[B, H, Lq]`` (fp32, natural log) from ``backend``
+    (``dense_backend_for`` decides it; a library failure is an error, never a silent switch).
 
-    ``config.backend`` picks cuDNN or flash SDPA (their LSE outputs) or the Triton kernel; the
-    library backends need CUDA and fp16/bf16, otherwise the Triton kernel runs (same function).
+    Library outputs follow PyTorch's handling of non-finite values; the caller makes rows with
+    a non-finite value all-NaN (the decision step's selection epilogue does it in place), and a
+    +inf log-sum-exp (a +inf score) becomes NaN here, as the reference's rule says.
     """
-    backend = config.backend
-    if backend != "triton" and (q.device.type != "cuda" or q.dtype == torch.float32 or interpreting()):
-        backend = "triton"
+    if backend is DenseBackend.TRITON:
+        return attention_fwd(q, k, v, q_idx=q_idx, config=config, scale=scale, name="cs4a_dense", kv_dense=True,
+                             store_lse=True)
     try:
-        if backend == "cudnn":
+        if backend is DenseBackend.CUDNN:
             out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
-            return out, lse.reshape(q.shape[:3]).float().contiguous()
-        if backend == "flash":
+        else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
-            return out, lse.reshape(q.shape[:3]).float().contiguous()
     except RuntimeError as e:
-        if backend not in _warned_backends:
-            _warned_backends.add(backend)
-            warnings.warn(f"{backend} attention is unavailable here ({e}); using the Triton kernel", stacklevel=2)
-    return sparse_attn_fwd(q, k, v, dense_tiles(q.shape[2], config.block_m), config, scale, name="cs4a_dense",
-                           kv_dense=True, store_lse=True)
+        raise KernelLaunchError(f"cs4a_dense with backend {backend} failed: {str(e).splitlines()[0]}") from e
+    lse = lse.reshape(q.shape[:3]).float().nan_to_num(nan=float("nan"), posinf=float("nan"), neginf=float("-inf"))
+    return out, lse

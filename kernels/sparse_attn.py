@@ -1,31 +1,55 @@
 """One block-sparse attention kernel for every SparVAR step, variants chosen by constexpr flags.
 
-A program owns one query tile (a row of ``q_idx``, gathered: CSLA tiles are 2-D patches) of one
-(batch, head) and runs an online softmax over the key blocks the tile visits:
+A program owns one query tile (a row of ``q_idx``; CSLA tiles are 2-D patches) of one
+(batch, head) and runs an online softmax over the keys the tile visits:
 - ``KV_DENSE``: all ``L`` keys in order (the CS4A decision step's dense pass);
-- ``HAS_KEPT``: the ``n_keep`` kept keys of the tile's decision group (CS4A);
-- ``HAS_LIST``: the tile's key list (CSLA windows or CS4A bands), with ``TOKEN_MASK`` applying
-  the per-(query, key) bits of the list (CSLA is token-exact inside every computed block).
-Epilogues: ``EPILOGUE == 1`` adds the bilinearly up-sampled residual (4 taps per query);
-``EPILOGUE == 2`` writes ``res - O`` (the decision step's ``R = O_dense - O_sel``).
+- ``kept`` given: the kept keys of the tile's decision group (CS4A);
+- ``kv_idx`` given: the tile's key list, with ``kv_bits`` the per-(query, key) bits that make
+  CSLA token-exact inside every computed block;
+- ``tile_band`` given: contiguous band ranges per scale, each row limited to its own range.
+An absent tensor is passed as ``None`` and the flag that uses it follows from that
+(``triton.heuristics``); ``v=None`` computes the log-sum-exp alone.
+
+Non-finite inputs follow ``sparvar.reference.attention``: NaN or +inf scores poison their row
+through the softmax itself. A value row with a NaN or an infinity would also leak into rows that
+may not see it (0 * NaN is NaN inside the product), so a tile whose result holds anything
+non-finite is computed again with values checked key by key: the check costs nothing on finite
+inputs.
+
 Scores are kept in the log2 domain (``qk * scale * log2(e)``) so the softmax uses ``exp2``.
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import triton
 import triton.language as tl
 
+__all__ = ["LOG2E", "LN2", "Epilogue"]
+
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+class Epilogue(IntEnum):
+    """What the attention kernel does with ``O`` before storing it."""
+
+    NONE = 0
+    #: ``O + up(R)``: the decision step's residual, bilinearly up-sampled (4 taps per query).
+    ADD_RESIDUAL = 1
+    #: ``R = O_dense - O``, with ``O_dense`` read from ``res`` (rows holding a non-finite value
+    #: are made all-NaN there first, as the rule for non-finite inputs says).
+    RESIDUAL_FROM_DENSE = 2
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, b_q, k, v, o_n, m_n, allowed, stride_kl, stride_kd, stride_vl,
-                  stride_vd, qk_scale, D: tl.constexpr, IEEE: tl.constexpr):
+def _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, allowed, stride_kl, stride_kd, stride_vl,
+                  stride_vd, qk_scale, D: tl.constexpr, HAS_V: tl.constexpr, SAFE: tl.constexpr,
+                  IEEE: tl.constexpr):
     o_d = tl.arange(0, D)
     o_n64 = o_n.to(tl.int64)
     b_k = tl.load(k + o_n64[:, None] * stride_kl + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
-    b_v = tl.load(v + o_n64[:, None] * stride_vl + o_d[None, :] * stride_vd, mask=m_n[:, None], other=0.0)
     # [BM, BN]
     if IEEE:
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
@@ -38,27 +62,109 @@ def _attend_block(acc, m_i, l_i, b_q, k, v, o_n, m_n, allowed, stride_kl, stride
     b_p = tl.exp2(b_s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
-    # [BM, D]
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-    return acc, m_new, l_i
+    if HAS_V:
+        b_v = tl.load(v + o_n64[:, None] * stride_vl + o_d[None, :] * stride_vd, mask=m_n[:, None], other=0.0)
+        if SAFE:
+            # x * 0 is 0 for a finite x and NaN otherwise.
+            b_vz = b_v * 0.0
+            v_bad = tl.max((b_vz != 0).to(tl.int32), 1) > 0
+            bad = bad | (tl.max((allowed & v_bad[None, :]).to(tl.int32), 1) > 0)
+            b_v = tl.where(b_vz == 0, b_v, 0.0)
+        # [BM, D]
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return acc, m_new, l_i, bad
 
 
 @triton.jit
+def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band,
+                i_t, i_bh, stride_kl, stride_kd, stride_vl, stride_vd, L, NK, n_keep, n_src, NB, qk_scale,
+                BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, NWORDS: tl.constexpr,
+                KV_DENSE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_LIST: tl.constexpr,
+                TOKEN_MASK: tl.constexpr, HAS_BANDS: tl.constexpr, HAS_V: tl.constexpr,
+                SAFE: tl.constexpr, IEEE: tl.constexpr):
+    """The online softmax over every key the tile visits; ``bad`` flags rows poisoned by a
+    non-finite value row (checked only when ``SAFE``)."""
+    o_m = tl.arange(0, BM)
+    o_bn = tl.arange(0, BN)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    bad = o_m < 0
+    all_rows = o_m[:, None] >= 0
+    if KV_DENSE:
+        for start in range(0, L, BN):
+            o_n = start + o_bn
+            m_n = o_n < L
+            acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, all_rows & m_n[None, :],
+                                               stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
+                                               SAFE, IEEE)
+    if HAS_KEPT:
+        src = tl.load(tile_src + i_t).to(tl.int64)
+        p_kept = kept + (i_bh.to(tl.int64) * n_src + src) * n_keep
+        for start in range(0, n_keep, BN):
+            m_n = start + o_bn < n_keep
+            o_n = tl.load(p_kept + start + o_bn, mask=m_n, other=0)
+            acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, all_rows & m_n[None, :],
+                                               stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
+                                               SAFE, IEEE)
+    if HAS_LIST:
+        n_list = tl.load(kv_len + i_t)
+        p_list = kv_idx + i_t.to(tl.int64) * NK
+        for start in range(0, n_list, BN):
+            o_n = tl.load(p_list + start + o_bn)
+            m_n = o_n >= 0
+            allowed = all_rows & m_n[None, :]
+            if TOKEN_MASK:
+                # Slot s reads bit s % 64 of word s // 64 of each key's mask.
+                p_bits = kv_bits + (i_t.to(tl.int64) * NK + start + o_bn) * NWORDS
+                b_word = tl.zeros([BM, BN], dtype=tl.int64)
+                for w in tl.static_range(NWORDS):
+                    b_word = tl.where((o_m // 64)[:, None] == w, tl.load(p_bits + w)[None, :], b_word)
+                allowed = allowed & (((b_word >> (o_m % 64).to(tl.int64)[:, None]) & 1) != 0)
+            acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, allowed,
+                                               stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
+                                               SAFE, IEEE)
+    if HAS_BANDS:
+        for b in range(0, NB):
+            p_tile = tile_band + (i_t.to(tl.int64) * NB + b) * 2
+            lo, hi = tl.load(p_tile), tl.load(p_tile + 1)
+            p_row = row_band + (b_qi64 * NB + b) * 2
+            r_lo = tl.load(p_row, mask=m_q, other=0)
+            r_hi = tl.load(p_row + 1, mask=m_q, other=-1)
+            for start in range(lo, hi + 1, BN):
+                o_n = start + o_bn
+                m_n = o_n <= hi
+                allowed = (o_n[None, :] >= r_lo[:, None]) & (o_n[None, :] <= r_hi[:, None]) & m_n[None, :]
+                acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, allowed,
+                                                   stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
+                                                   SAFE, IEEE)
+    return acc, m_i, l_i, bad
+
+
+@triton.heuristics({
+    "HAS_V": lambda a: a["v"] is not None,
+    "STORE_LSE": lambda a: a["lse"] is not None,
+    "HAS_KEPT": lambda a: a["kept"] is not None,
+    "HAS_LIST": lambda a: a["kv_idx"] is not None,
+    "TOKEN_MASK": lambda a: a["kv_bits"] is not None,
+    "HAS_BANDS": lambda a: a["tile_band"] is not None,
+})
+@triton.jit
 def _sparse_attn_fwd_kernel(
     q, k, v, o, lse, res,
-    q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, res_idx, res_w,
+    q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, res_idx, res_w,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_rb, stride_rh, stride_rl, stride_rd,
-    H, L, NQ, NK, n_keep, n_src_groups, qk_scale,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, NWORDS: tl.constexpr,
-    KV_DENSE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_LIST: tl.constexpr, TOKEN_MASK: tl.constexpr,
-    EPILOGUE: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr,
+    H, L, NQ, NK, n_keep, n_src, NB, qk_scale,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, NWORDS: tl.constexpr, KV_DENSE: tl.constexpr,
+    EPILOGUE: tl.constexpr, IEEE: tl.constexpr, HAS_V: tl.constexpr, STORE_LSE: tl.constexpr,
+    HAS_KEPT: tl.constexpr, HAS_LIST: tl.constexpr, TOKEN_MASK: tl.constexpr, HAS_BANDS: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -69,131 +175,134 @@ def _sparse_attn_fwd_kernel(
     b_qi64 = b_qi.to(tl.int64)
     q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     k += i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    v += i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
+    if HAS_V:
+        v += i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
     b_q = tl.load(q + b_qi64[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_q[:, None], other=0.0)
 
-    acc = tl.zeros([BM, D], dtype=tl.float32)
-    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    o_bn = tl.arange(0, BN)
-    all_rows = o_m[:, None] >= 0
+    acc, m_i, l_i, bad = _visit_keys(
+        b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, i_t, i_bh,
+        stride_kl, stride_kd, stride_vl, stride_vd, L, NK, n_keep, n_src, NB, qk_scale,
+        BM, BN, D, NWORDS, KV_DENSE, HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, HAS_V, False, IEEE)
+    if HAS_V:
+        n_nonfinite = tl.sum(tl.where(m_q[:, None], (acc * 0.0 != 0).to(tl.int32), 0))
+        if n_nonfinite > 0:
+            acc, m_i, l_i, bad = _visit_keys(
+                b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, i_t, i_bh,
+                stride_kl, stride_kd, stride_vl, stride_vd, L, NK, n_keep, n_src, NB, qk_scale,
+                BM, BN, D, NWORDS, KV_DENSE, HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, HAS_V, True, IEEE)
 
-    if KV_DENSE:
-        for start in range(0, L, BN):
-            o_n = start + o_bn
-            m_n = o_n < L
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, b_q, k, v, o_n, m_n, all_rows & m_n[None, :],
-                                          stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, IEEE)
-    if HAS_KEPT:
-        src = tl.load(tile_src + i_t).to(tl.int64)
-        p_kept = kept + (i_bh.to(tl.int64) * n_src_groups + src) * n_keep
-        for start in range(0, n_keep, BN):
-            m_n = start + o_bn < n_keep
-            o_n = tl.load(p_kept + start + o_bn, mask=m_n, other=0)
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, b_q, k, v, o_n, m_n, all_rows & m_n[None, :],
-                                          stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, IEEE)
-    if HAS_LIST:
-        n_list = tl.load(kv_len + i_t)
-        p_list = kv_idx + i_t.to(tl.int64) * NK
-        for start in range(0, n_list, BN):
-            o_n = tl.load(p_list + start + o_bn)
-            m_n = o_n >= 0
-            allowed = all_rows & m_n[None, :]
-            if TOKEN_MASK:
-                p_bits = kv_bits + (i_t.to(tl.int64) * NK + start + o_bn) * NWORDS
-                if NWORDS == 1:
-                    b_word = tl.load(p_bits)[None, :]
-                else:
-                    lo = tl.load(p_bits)
-                    hi = tl.load(p_bits + 1)
-                    b_word = tl.where(o_m[:, None] < 64, lo[None, :], hi[None, :])
-                allowed = allowed & (((b_word >> (o_m[:, None] % 64).to(tl.int64)) & 1) != 0)
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, b_q, k, v, o_n, m_n, allowed,
-                                          stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, IEEE)
-
-    # Rows with no allowed key have l = 0 and acc = 0: they output zeros and lse = -inf.
-    b_o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if EPILOGUE == 1:
-        res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
-        for c in tl.static_range(4):
-            b_src = tl.load(res_idx + b_qi64 * 4 + c, mask=m_q, other=0).to(tl.int64)
-            b_w = tl.load(res_w + b_qi64 * 4 + c, mask=m_q, other=0.0)
-            b_r = tl.load(res + b_src[:, None] * stride_rl + o_d[None, :] * stride_rd, mask=m_q[:, None], other=0.0)
-            b_o += b_w[:, None] * b_r.to(tl.float32)
-    if EPILOGUE == 2:
-        res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
-        b_dense = tl.load(res + b_qi64[:, None] * stride_rl + o_d[None, :] * stride_rd, mask=m_q[:, None], other=0.0)
-        b_o = b_dense.to(tl.float32) - b_o
-    o += i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    tl.store(o + b_qi64[:, None] * stride_ol + o_d[None, :] * stride_od, b_o.to(o.dtype.element_ty), mask=m_q[:, None])
     if STORE_LSE:
-        b_lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
+        # Rows with nothing allowed have l = 0: lse = -inf. NaN stays NaN.
+        b_lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, tl.where(l_i == 0, float("-inf"), l_i))
         tl.store(lse + i_bh.to(tl.int64) * NQ + b_qi64, b_lse, mask=m_q)
+    if HAS_V:
+        # Rows with no allowed key have l = 0 and acc = 0: they output zeros.
+        b_o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        b_o = tl.where(bad[:, None], float("nan"), b_o)
+        if EPILOGUE == 1:
+            res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
+            for c in tl.static_range(4):
+                b_src = tl.load(res_idx + b_qi64 * 4 + c, mask=m_q, other=0).to(tl.int64)
+                b_w = tl.load(res_w + b_qi64 * 4 + c, mask=m_q, other=0.0)
+                b_r = tl.load(res + b_src[:, None] * stride_rl + o_d[None, :] * stride_rd, mask=m_q[:, None], other=0.0)
+                b_o += b_w[:, None] * b_r.to(tl.float32)
+        if EPILOGUE == 2:
+            res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
+            p_dense = res + b_qi64[:, None] * stride_rl + o_d[None, :] * stride_rd
+            b_dense = tl.load(p_dense, mask=m_q[:, None], other=0.0)
+            dense_bad = tl.max(((b_dense * 0.0) != 0).to(tl.int32), 1) > 0
+            b_dense = tl.where(dense_bad[:, None], float("nan"), b_dense)
+            tl.store(p_dense, b_dense, mask=m_q[:, None])
+            b_o = b_dense.to(tl.float32) - b_o
+        o += i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+        tl.store(o + b_qi64[:, None] * stride_ol + o_d[None, :] * stride_od, b_o.to(o.dtype.element_ty),
+                 mask=m_q[:, None])
 
 
 @triton.jit
 def _column_scores_kernel(
-    q, k, lse, partial, q_idx,
+    q, k, lse, scores,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
-    H, L, NQ, T, qk_scale,
+    H, L, NQ, group_size, n_groups, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """``partial[bh, t, key] = sum_{q in tile t} exp(s[q, key] - lse[q])``.
+    """``scores[bh, G, key] = sum_{q in G} exp(s[q, key] - lse[q])`` for one block of keys.
 
-    One program per (query tile, batch*head) walks all keys like a flash-attention forward pass
-    (the tile's queries stay on chip, keys stream through); tiles never straddle a group, so a
-    group's score is the sum of its tiles' rows, added in a fixed order by the caller. Scores are
-    computed transposed, keys as rows: the per-key sum is then a row reduction inside a warp
-    quad instead of a cross-warp column reduction.
+    One program per (key block, group, batch*head): its keys stay on chip while the group's
+    queries stream through in sub-tiles of ``BM``, so each group's score is written once, summed
+    in a fixed order (no partial buffers, no atomics). Scores are computed transposed, keys as
+    rows, so the per-key sum is a row reduction.
     """
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_g, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    o_m = tl.arange(0, BM)
     o_d = tl.arange(0, D)
-    b_qi = tl.load(q_idx + i_t * BM + o_m)
-    m_q = b_qi >= 0
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < L
     q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     k += i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    b_qt = tl.load(q + b_qi.to(tl.int64)[None, :] * stride_ql + o_d[:, None] * stride_qd, mask=m_q[None, :], other=0.0)
-    # Invalid queries get lse = +inf so their probabilities are exactly 0.
-    b_lse2 = tl.load(lse + i_bh.to(tl.int64) * NQ + b_qi, mask=m_q, other=float("inf")) * 1.4426950408889634
-    p_out = partial + (i_bh.to(tl.int64) * T + i_t) * L
-    for start in range(0, L, BN):
-        o_n = start + tl.arange(0, BN)
-        m_n = o_n < L
-        b_k = tl.load(k + o_n.to(tl.int64)[:, None] * stride_kl + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
+    b_k = tl.load(k + o_n.to(tl.int64)[:, None] * stride_kl + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
+    q_lo = i_g * group_size
+    q_hi = tl.minimum(q_lo + group_size, NQ)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for q0 in range(q_lo, q_hi, BM):
+        o_q = q0 + tl.arange(0, BM)
+        m_q = o_q < q_hi
+        b_qt = tl.load(q + o_q.to(tl.int64)[None, :] * stride_ql + o_d[:, None] * stride_qd, mask=m_q[None, :],
+                       other=0.0)
+        b_lse2 = tl.load(lse + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0) * 1.4426950408889634
         # [BN, BM]
         if IEEE:
             b_st = tl.dot(b_k, b_qt, input_precision="ieee")
         else:
             b_st = tl.dot(b_k, b_qt)
         b_pt = tl.exp2(b_st * qk_scale - b_lse2[None, :])
-        tl.store(p_out + o_n, tl.sum(b_pt, 1), mask=m_n)
+        acc += tl.sum(tl.where(m_q[None, :], b_pt, 0.0), 1)
+    tl.store(scores + (i_bh.to(tl.int64) * n_groups + i_g) * L + o_n, acc, mask=m_n)
 
 
 @triton.jit
 def _select_topk_kernel(scores, kept, L, n_keep, BL: tl.constexpr):
     """Per row: indices of the ``n_keep`` largest scores, ties to the lower index, ascending.
 
-    Scores are non-negative floats, whose bit patterns order like the floats, so a 31-step
-    bisection on the bits finds the ``n_keep``-th largest value exactly; ties at that value are
-    taken in index order, and a prefix sum compacts the chosen indices in ascending order.
+    Each float becomes an integer key that orders like the float (NaN above +inf, -0.0 equal to
+    0.0, as ``torch.sort`` orders them). A radix select over the keys' four bytes, one 256-bin
+    histogram per byte, finds the ``n_keep``-th largest key exactly; ties at it are taken in
+    index order, and a prefix sum places the chosen indices in ascending order. Exactly
+    ``n_keep`` slots are written, each inside the row, whatever the scores hold.
     """
     i_row = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BL)
     m = o < L
-    b_s = tl.load(scores + i_row * L + o, mask=m, other=-1.0)
+    b_s = tl.load(scores + i_row * L + o, mask=m, other=0.0)
+    b_s = tl.where(b_s == 0.0, 0.0, b_s)
+    b_s = tl.where(b_s != b_s, float("nan"), b_s)
     bits = b_s.to(tl.int32, bitcast=True)
-    lo = tl.zeros([], dtype=tl.int32)
-    hi = tl.full([], 0x7F800001, dtype=tl.int32)
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= n_keep
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
-    above = bits > lo
-    ties = (bits == lo).to(tl.int32)
-    take = above | ((bits == lo) & (tl.cumsum(ties, 0) <= n_keep - tl.sum(above.to(tl.int32), 0)))
+    # Signed key: negative floats order backwards as integers, so flip their lower 31 bits.
+    skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    # Unsigned view for the byte digits (flip the sign bit); padding never becomes a candidate.
+    ukey = skey ^ -2147483648
+    o_bin = tl.arange(0, 256)
+    need = n_keep
+    prefix = 0
+    for p in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * p
+        if p == 0:
+            cand = m
+        else:
+            cand = m & (((ukey >> (shift + 8)) & ((1 << (8 * p)) - 1)) == prefix)
+        digit = tl.where(cand, (ukey >> shift) & 0xFF, 0)
+        hist = tl.histogram(digit, 256)
+        # Non-candidates were counted in bin 0.
+        hist = hist - tl.where(o_bin == 0, BL - tl.sum(cand.to(tl.int32), 0), 0)
+        # at_least[d]: candidates whose digit is >= d.
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        best = tl.max(tl.where(at_least >= need, o_bin, -1), 0)
+        need = need - tl.sum(tl.where(o_bin > best, hist, 0), 0)
+        prefix = (prefix << 8) | best
+    threshold = prefix ^ -2147483648
+    above = m & (skey > threshold)
+    tie = m & (skey == threshold)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
-    tl.store(kept + i_row * n_keep + pos, o, mask=take)
+    tl.store(kept + i_row * n_keep + pos, o, mask=take & (pos < n_keep))

@@ -1,9 +1,10 @@
-"""Tile schedules: which queries each program owns and which keys it visits (host side, cached).
+"""Tile tables: which queries each program owns and which keys it visits (host side, cached).
 
-Nothing here is ``[queries, keys]``-sized: a CSLA tile lists the union of its queries' allowed
+Nothing here is ``[queries, keys]``-sized. A CSLA tile lists the union of its queries' allowed
 keys (a few hundred at Infinity 1024) with one bit per (query slot, key) saying whether the SPEC
-section 3 rule allows the pair; a CS4A tile lists its group's band keys. Tables are built once
-per (schedule, step, parameters, tiling) and kept on the device.
+section 3 rule allows the pair. A CS4A tile is a run of queries that inherit one decision
+group's kept set; its band keys are contiguous ranges per scale, with each query's own range
+(its group's) applied per row. Tables are built once per (schedule, step, parameters, tiling).
 """
 
 from __future__ import annotations
@@ -14,36 +15,60 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from sparvar.reference import CS4AParams, CSLAParams, Schedule, band_ranges, key_windows, num_groups
-from sparvar.reference.cs4a import source_groups
+from sparvar.reference import CS4AParams, CSLAParams, Schedule, band_ranges, key_windows, num_groups, source_groups
 
-__all__ = ["TileTables", "csla_tiles", "group_tiles", "dense_tiles", "residual_tables", "to_device"]
+__all__ = ["CSLATiles", "GroupTiles", "csla_tiles", "group_tiles", "dense_tiles", "residual_tables", "mask_words"]
+
+
+def mask_words(block_m: int) -> int:
+    """64-bit words per key in a CSLA tile's mask: one bit per query slot."""
+    return max(1, block_m // 64)
 
 
 @dataclass(frozen=True)
-class TileTables:
+class CSLATiles:
     """``q_idx [T, BM]`` query indices (-1 = empty slot); ``kv_idx [T, NK]`` key indices
     (-1 = padding, NK a multiple of BN); ``kv_len [T]`` entries used per tile; ``kv_bits
-    [T, NK, BM // 64 or 1]`` int64 masks (bit s: slot s may see the key) or ``None``;
-    ``tile_src [T]`` the decision group whose kept set a tile uses, or ``None``; ``members
-    [n_groups, width]`` the tiles of each group of this scale, padded with ``T`` (group tiles only)."""
+    [T, NK, mask_words(BM)]`` int64 masks (bit ``s % 64`` of word ``s // 64``: slot s may see the
+    key)."""
 
     q_idx: torch.Tensor
     kv_idx: torch.Tensor
     kv_len: torch.Tensor
-    kv_bits: torch.Tensor | None = None
-    tile_src: torch.Tensor | None = None
-    members: torch.Tensor | None = None
+    kv_bits: torch.Tensor
 
     @property
     def num_tiles(self) -> int:
         return self.q_idx.shape[0]
 
-    def visited_pairs(self) -> int:
-        """Query-key pairs a tile visits (listed keys times valid queries), for density reports."""
-        valid_q = (self.q_idx >= 0).sum(dim=1)
-        blocks = self.kv_len
-        return int((valid_q * blocks).sum())
+    def to(self, device) -> "CSLATiles":
+        return CSLATiles(*(t.to(device) for t in (self.q_idx, self.kv_idx, self.kv_len, self.kv_bits)))
+
+
+@dataclass(frozen=True)
+class GroupTiles:
+    """CS4A tiles: ``q_idx [T, BM]`` (-1 = empty slot), ``tile_src [T]`` the decision group whose
+    kept set the tile's queries inherit; for steps after ``d`` with bands, ``tile_band [T, NB, 2]``
+    the union over the tile's queries of their inclusive band ranges per band scale, and
+    ``row_band [NQ, NB, 2]`` each query's own ranges (its group's; ``[0, -1]`` = none). ``None``
+    without bands."""
+
+    q_idx: torch.Tensor
+    tile_src: torch.Tensor
+    tile_band: torch.Tensor | None = None
+    row_band: torch.Tensor | None = None
+
+    @property
+    def num_tiles(self) -> int:
+        return self.q_idx.shape[0]
+
+    @property
+    def num_bands(self) -> int:
+        return 0 if self.row_band is None else self.row_band.shape[1]
+
+    def to(self, device) -> "GroupTiles":
+        return GroupTiles(*(None if t is None else t.to(device)
+                            for t in (self.q_idx, self.tile_src, self.tile_band, self.row_band)))
 
 
 def _pad_rows(rows: list[np.ndarray], multiple: int, fill: int) -> np.ndarray:
@@ -55,13 +80,13 @@ def _pad_rows(rows: list[np.ndarray], multiple: int, fill: int) -> np.ndarray:
     return out
 
 
-def _words(block_m: int) -> int:
-    return max(1, block_m // 64)
+def _query_row(indices: np.ndarray, block_m: int) -> np.ndarray:
+    return np.concatenate([indices, np.full(block_m - indices.size, -1)]).astype(np.int32)
 
 
 @lru_cache(maxsize=256)
 def csla_tiles(schedule: Schedule, step: int, params: CSLAParams, tile_h: int, tile_w: int,
-               block_n: int) -> TileTables:
+               block_n: int) -> CSLATiles:
     """2-D query tiles of ``tile_h x tile_w`` tokens and their allowed-key lists (SPEC section 3).
 
     For each key scale the tile's keys are the bounding rectangle of its queries' windows
@@ -77,7 +102,7 @@ def csla_tiles(schedule: Schedule, step: int, params: CSLAParams, tile_h: int, t
             qi, qj = np.meshgrid(np.arange(y0, min(y0 + tile_h, hk)), np.arange(x0, min(x0 + tile_w, wk)),
                                  indexing="ij")
             qi, qj = qi.ravel(), qj.ravel()
-            q_rows.append(np.concatenate([qi * wk + qj, np.full(block_m - qi.size, -1)]).astype(np.int32))
+            q_rows.append(_query_row(qi * wk + qj, block_m))
             keys, bits = [], []
             for m in range(step + 1):
                 k, b = _scale_keys(schedule, step, m, windows[m], qi, qj)
@@ -86,10 +111,9 @@ def csla_tiles(schedule: Schedule, step: int, params: CSLAParams, tile_h: int, t
             keys, allowed = np.concatenate(keys), np.concatenate(bits, axis=1)  # [nk], [nq, nk]
             kv_rows.append(keys.astype(np.int32))
             bit_rows.append(_pack_bits(allowed, block_m))
-    kv_idx = _pad_rows(kv_rows, block_n, -1)
-    return TileTables(
+    return CSLATiles(
         q_idx=torch.from_numpy(np.stack(q_rows)),
-        kv_idx=torch.from_numpy(kv_idx),
+        kv_idx=torch.from_numpy(_pad_rows(kv_rows, block_n, -1)),
         kv_len=torch.tensor([len(r) for r in kv_rows], dtype=torch.int32),
         kv_bits=torch.from_numpy(_pad_rows(bit_rows, block_n, 0)),
     )
@@ -115,56 +139,69 @@ def _scale_keys(schedule: Schedule, step: int, m: int, window: int, qi: np.ndarr
 
 def _pack_bits(allowed: np.ndarray, block_m: int) -> np.ndarray:
     """``[nq, nk]`` bool -> ``[nk, words]`` int64, bit ``s % 64`` of word ``s // 64`` for slot s."""
-    words = _words(block_m)
-    out = np.zeros((allowed.shape[1], words), dtype=np.uint64)
+    out = np.zeros((allowed.shape[1], mask_words(block_m)), dtype=np.uint64)
     for s in range(allowed.shape[0]):
         out[:, s // 64] |= allowed[s].astype(np.uint64) << np.uint64(s % 64)
     return out.view(np.int64)
 
 
 @lru_cache(maxsize=256)
-def group_tiles(schedule: Schedule, step: int, params: CS4AParams, block_m: int, block_n: int) -> TileTables:
-    """Tiles of ``block_m`` consecutive queries that never straddle a CS4A group, with the
-    decision group each inherits (SPEC section 4, later step 1) and its band keys (step 2)."""
-    nq, g = schedule.sizes[step], params.group_size
+def group_tiles(schedule: Schedule, step: int, params: CS4AParams, block_m: int) -> GroupTiles:
+    """CS4A tiles of up to ``block_m`` consecutive queries that inherit one kept set.
+
+    At the decision scale a tile stays inside its group. Later, consecutive groups often inherit
+    the same decision group (SPEC section 4, later step 1: 22 groups of scale 12 map onto 9 at
+    Infinity 1024), so a tile runs across them and each row applies its own group's band ranges
+    (step 2): full tiles of 128 queries where groups hold 192.
+    """
+    nq, g, d = schedule.sizes[step], params.group_size, params.decision_scale
     n_g = num_groups(nq, g)
-    d = params.decision_scale
-    src = source_groups(num_groups(schedule.sizes[d], g), n_g) if step > d else torch.arange(n_g)
-    ranges = band_ranges(schedule, step, params).numpy() if step > d else None
-    q_rows, kv_rows, tile_src, members = [], [], [], []
-    for G in range(n_g):
-        members.append([])
-        band = np.zeros(0, np.int64)
-        if ranges is not None:
-            band = np.concatenate([np.arange(lo, hi + 1) for lo, hi in ranges[G]])
-        for start in range(G * g, min(nq, (G + 1) * g), block_m):
-            stop = min(start + block_m, (G + 1) * g, nq)
-            q_rows.append(np.concatenate([np.arange(start, stop), np.full(block_m - (stop - start), -1)]))
-            kv_rows.append(band.astype(np.int32))
-            tile_src.append(int(src[G]))
-            members[G].append(len(q_rows) - 1)
-    width = max(len(m) for m in members)
-    return TileTables(
-        q_idx=torch.from_numpy(np.stack(q_rows).astype(np.int32)),
-        kv_idx=torch.from_numpy(_pad_rows(kv_rows, block_n, -1)),
-        kv_len=torch.tensor([len(r) for r in kv_rows], dtype=torch.int32),
-        tile_src=torch.tensor(tile_src, dtype=torch.int32),
-        members=torch.tensor([m + [len(q_rows)] * (width - len(m)) for m in members], dtype=torch.long),
-    )
+    src = source_groups(num_groups(schedule.sizes[d], g), n_g).numpy() if step > d else np.arange(n_g)
+    runs, start = [], 0
+    for G in range(1, n_g + 1):
+        if G == n_g or src[G] != src[G - 1]:
+            runs.append((start * g, min(nq, G * g), int(src[G - 1])))
+            start = G
+    q_rows, tile_src = [], []
+    for lo, hi, s in runs:
+        for t0 in range(lo, hi, block_m):
+            q_rows.append(_query_row(np.arange(t0, min(t0 + block_m, hi)), block_m))
+            tile_src.append(s)
+    q_idx = np.stack(q_rows)
+    out = GroupTiles(q_idx=torch.from_numpy(q_idx), tile_src=torch.tensor(tile_src, dtype=torch.int32))
+    if step == d:
+        return out
+    ranges = band_ranges(schedule, step, params).numpy()  # [n_g, S, 2]
+    scales = [m for m in range(d + 1, step + 1) if (ranges[:, m, 1] >= ranges[:, m, 0]).any()]
+    if not scales:
+        return out
+    row_band = ranges[np.arange(nq) // g][:, scales]  # [nq, NB, 2]
+    valid = q_idx >= 0
+    rows = row_band[np.where(valid, q_idx, 0)]  # [T, BM, NB, 2]
+    empty = rows[..., 1] < rows[..., 0]
+    lo = np.where(valid[..., None] & ~empty, rows[..., 0], np.iinfo(np.int64).max).min(axis=1)
+    hi = np.where(valid[..., None] & ~empty, rows[..., 1], -1).max(axis=1)
+    tile_band = np.stack([np.where(hi >= 0, lo, 0), hi], axis=-1)  # [T, NB, 2]; none: [0, -1]
+    return GroupTiles(q_idx=out.q_idx, tile_src=out.tile_src,
+                      tile_band=torch.from_numpy(tile_band.astype(np.int32)),
+                      row_band=torch.from_numpy(np.ascontiguousarray(row_band).astype(np.int32)))
 
 
 @lru_cache(maxsize=256)
-def dense_tiles(num_queries: int, block_m: int) -> TileTables:
-    """Consecutive query tiles with no key list (the kernel walks all keys)."""
+def dense_tiles(num_queries: int, block_m: int) -> torch.Tensor:
+    """``q_idx [T, BM]`` of consecutive query tiles (-1 = empty slot); the kernel walks all keys."""
     q = np.arange(-(-num_queries // block_m) * block_m)
     q[q >= num_queries] = -1
-    return TileTables(q_idx=torch.from_numpy(q.reshape(-1, block_m).astype(np.int32)),
-                      kv_idx=torch.full((1, 1), -1, dtype=torch.int32),
-                      kv_len=torch.zeros(q.size // block_m, dtype=torch.int32))
+    return torch.from_numpy(q.reshape(-1, block_m).astype(np.int32))
 
 
 def _bilinear_axis(n_in: int, n_out: int):
-    """Source rows and weights of ``interpolate(mode="bilinear", align_corners=False)``."""
+    """Source rows and weights of ``interpolate(mode="bilinear", align_corners=False)`` on the
+    CPU: an axis whose size does not change is copied (its second tap is the first), which
+    matters only for NaN and infinities (0 * NaN is NaN)."""
+    if n_in == n_out:
+        same = np.arange(n_out)
+        return same, same, np.zeros(n_out)
     src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
     i0 = np.floor(src).astype(np.int64)
     i1 = np.minimum(i0 + 1, n_in - 1)
@@ -183,17 +220,3 @@ def residual_tables(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> tuple[t
     idx = np.stack([Y0 * ws + X0, Y0 * ws + X1, Y1 * ws + X0, Y1 * ws + X1], -1).reshape(-1, 4)
     w = np.stack([(1 - LY) * (1 - LX), (1 - LY) * LX, LY * (1 - LX), LY * LX], -1).reshape(-1, 4)
     return torch.from_numpy(idx.astype(np.int32)), torch.from_numpy(w.astype(np.float32))
-
-
-_DEVICE_CACHE: dict = {}
-
-
-def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """The cached host table on ``device``, copied once (tables are immutable)."""
-    if t is None or t.device == device:
-        return t
-    key = (id(t), str(device))
-    hit = _DEVICE_CACHE.get(key)
-    if hit is None or hit[0] is not t:
-        hit = _DEVICE_CACHE[key] = (t, t.to(device))
-    return hit[1]

@@ -14,28 +14,34 @@ Readings of points the SPEC leaves open (each also stated where it is implemente
   the schedule's length: ``d = max(0, S-3)``, ``sink_scales = min(5, d)``, windows and bands cut
   to the scales they can reach, ``bound_layer = min(10, depth-1)``.
 - Log-sum-exp is in natural log of the scaled scores; an empty allowed set gives ``-inf``.
+- Non-finite inputs (``attention.py``): a NaN or +inf score, or a non-finite value row, among a
+  query's allowed keys makes its output row all-NaN; a -inf score counts as an excluded key;
+  keys outside the allowed set never matter. Selection ranks NaN above every number
+  (``select_keys``), so a group whose scores are all NaN keeps its first ``n_keep`` keys.
 - Ranks are exact: scores and counts use integer arithmetic for centres and band ranges; the
   top-``n_keep`` tie rule is implemented with a stable sort.
 """
 
 from .attention import check_step_inputs, dense_attention, masked_attention
-from .cs4a import (CS4AParams, CS4AState, band_ranges, band_windows, column_scores, cs4a_decide,
-                   cs4a_mask, cs4a_sparse, kept_mask, num_groups, num_keep, select_keys,
+from .cs4a import (CS4AParams, CS4AState, band_ranges, band_windows, check_decision, check_state, column_scores,
+                   cs4a_decide, cs4a_mask, cs4a_sparse, kept_mask, num_groups, num_keep, select_keys,
                    selected_attention, source_groups, upsample_residual)
 from .csla import CSLAParams, centre, csla_allows, csla_attention, csla_mask, key_windows
 from .density import StepDensity, cs4a_pairs, csla_pairs, generation_density, plan_densities
-from .plan import KINDS, SparsityPlan, attention_step, default_plan
+from .plan import SparsityPlan, StepKind, default_plan
 from .schedule import (INFINITY_RATIOS, INFINITY_RESOLUTIONS, Schedule, infinity_schedule,
                        preset_schedules, schedule_for_pixels, var_schedule)
+from .testing import relative_error, step_inputs
 
 __all__ = [
     "check_step_inputs", "dense_attention", "masked_attention",
-    "CS4AParams", "CS4AState", "band_ranges", "band_windows", "column_scores", "cs4a_decide",
+    "CS4AParams", "CS4AState", "band_ranges", "band_windows", "check_decision", "check_state", "column_scores",
+    "cs4a_decide",
     "cs4a_mask", "cs4a_sparse", "kept_mask", "num_groups", "num_keep", "select_keys",
     "selected_attention", "source_groups", "upsample_residual",
     "CSLAParams", "centre", "csla_allows", "csla_attention", "csla_mask", "key_windows",
     "StepDensity", "cs4a_pairs", "csla_pairs", "generation_density", "plan_densities",
-    "KINDS", "SparsityPlan", "attention_step", "default_plan",
+    "SparsityPlan", "StepKind", "default_plan", "relative_error", "step_inputs",
     "INFINITY_RATIOS", "INFINITY_RESOLUTIONS", "Schedule", "infinity_schedule",
     "preset_schedules", "schedule_for_pixels", "var_schedule",
 ]

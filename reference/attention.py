@@ -3,6 +3,16 @@
 Layout: ``q`` is ``[B, H, Lq, D]`` (the queries of the step's scale), ``k`` and ``v`` are
 ``[B, H, Lk, D]`` (the KV cache of scales ``0..k``). ``scale`` multiplies ``q @ k^T`` before the
 softmax. The reference computes in the inputs' dtype; tests pass float64.
+
+Non-finite inputs (the SPEC is silent; this is the project's reading, and the kernels match it
+exactly). Query ``q`` sees only its allowed keys ``A(q)``; keys outside ``A(q)`` never affect it.
+- If a scaled score ``s[q, j]``, ``j`` in ``A(q)``, is NaN or +inf, or a value row ``v[j]``,
+  ``j`` in ``A(q)``, holds a NaN or an infinity, the output row of ``q`` is NaN in every channel.
+  Its log-sum-exp is NaN when a score caused it, and is the usual one when only ``v`` did.
+- A score of -inf gives its key probability 0, as if the key were excluded; a query whose
+  allowed scores are all -inf (or whose ``A(q)`` is empty) outputs zeros, log-sum-exp -inf.
+NaN or an infinity anywhere in ``q[q]`` or ``k[j]`` makes ``s[q, j]`` non-finite (0 times an
+infinity is NaN), so the first rule covers them; only ``-inf`` scores are spared.
 """
 
 from __future__ import annotations
@@ -41,21 +51,31 @@ def check_step_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` over all keys. Shapes as in the module docstring; returns ``[B, H, Lq, D]``."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    """``softmax(q k^T * scale) v`` over all keys, with the module's rule for non-finite inputs.
+    Shapes as in the module docstring; returns ``[B, H, Lq, D]``."""
+    allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+    return masked_attention(q, k, v, allowed, scale)[0]
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the allowed keys only (SPEC section 1).
+    """Softmax over the allowed keys only (SPEC section 1), non-finite inputs as the module says.
 
     ``allowed``: bool, broadcastable to ``[B, H, Lq, Lk]``. A query with no allowed key outputs
-    zeros and log-sum-exp ``-inf`` (never NaN). Returns ``(out [B, H, Lq, D], lse [B, H, Lq])``,
-    ``lse`` in natural log of the scaled scores.
+    zeros and log-sum-exp ``-inf``. Returns ``(out [B, H, Lq, D], lse [B, H, Lq])``, ``lse`` in
+    natural log of the scaled scores.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    # exp(-inf - (-inf)) is NaN for an empty row; those rows are all zeros by definition.
-    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(nan=0.0)
-    return torch.matmul(probs, v), lse
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+    bad_score = (scores.isnan() | (scores == float("inf"))).any(dim=-1)
+    finite_v = torch.isfinite(v)
+    bad_v = (allowed & ~finite_v.all(dim=-1).unsqueeze(-2)).any(dim=-1)
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(bad_score, float("nan"))
+    # Rows poisoned by a score are overwritten below; zero them here so that NaN and -inf - -inf
+    # (an empty row) stay out of the product.
+    safe = ~bad_score & (lse > float("-inf"))
+    probs = torch.exp(scores - lse.masked_fill(~safe, 0.0).unsqueeze(-1)).masked_fill(~safe.unsqueeze(-1), 0.0)
+    # A non-finite value row is either outside A(q) (probability 0, and 0 * inf must not count)
+    # or poisons the whole row: either way the product only needs its finite values.
+    out = torch.matmul(probs, v.masked_fill(~finite_v, 0.0))
+    return out.masked_fill((bad_score | bad_v).unsqueeze(-1), float("nan")), lse
+

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from .attention import check_step_inputs, dense_attention, masked_attention
-from .csla import centre, check_windows
+from .csla import centre
 from .schedule import Schedule
+from .validate import int_field, window_list
 
 __all__ = [
     "CS4AParams", "CS4AState", "num_groups", "num_keep", "column_scores", "select_keys",
     "kept_mask", "source_groups", "band_windows", "band_ranges", "cs4a_mask",
-    "upsample_residual", "selected_attention", "cs4a_decide", "cs4a_sparse",
+    "upsample_residual", "selected_attention", "cs4a_decide", "cs4a_sparse", "check_decision", "check_state",
 ]
 
 
@@ -37,20 +38,16 @@ class CS4AParams:
     residual: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "band_rel", tuple(int(b) for b in self.band_rel))
-        for field in ("decision_scale", "group_size"):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{field} must be an int, got {v!r}")
-        if self.decision_scale < 0:
-            raise ValueError(f"decision_scale must be >= 0, got {self.decision_scale}")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if not isinstance(self.keep_ratio, (int, float)) or not 0.0 < float(self.keep_ratio) <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
-        check_windows("band_rel", self.band_rel)
-        if -1 in self.band_rel:
-            raise ValueError("band_rel entries must be odd positive or 0; -1 (whole scale) is not a band")
+        owner = "CS4AParams field"
+        int_field(owner, "decision_scale", self.decision_scale, 0)
+        int_field(owner, "group_size", self.group_size, 1)
+        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) \
+                or not 0.0 < float(self.keep_ratio) <= 1.0:
+            raise ValueError(f"{owner} 'keep_ratio' must be a number in (0, 1], got {self.keep_ratio!r}")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"{owner} 'residual' must be true or false, got {self.residual!r}")
+        # -1 (a whole scale) is not a band: bands are ranges around a group's windows.
+        object.__setattr__(self, "band_rel", window_list(owner, "band_rel", self.band_rel, None, allow_whole=False))
 
 
 @dataclass
@@ -81,7 +78,10 @@ def _query_groups(num_queries: int, group_size: int, device=None) -> torch.Tenso
 
 
 def column_scores(q: torch.Tensor, k: torch.Tensor, scale: float, group_size: int) -> torch.Tensor:
-    """``c_G[key] = sum_{q in G} softmax(q k^T * scale)[q, key]``: ``[B, H, n_groups, Lk]``."""
+    """``c_G[key] = sum_{q in G} softmax(q k^T * scale)[q, key]``: ``[B, H, n_groups, Lk]``.
+
+    A query whose scores hold a NaN or +inf, or are all -inf, has a NaN softmax row (the rule in
+    ``attention.py``), which makes every score of its group NaN."""
     probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
     groups = _query_groups(q.shape[2], group_size, q.device)
     out = probs.new_zeros(*probs.shape[:2], num_groups(q.shape[2], group_size), probs.shape[3])
@@ -92,6 +92,8 @@ def select_keys(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Indices of the ``n_keep`` largest scores along the last axis, ascending.
 
     Ties go to the lower key index: a stable descending sort keeps equal scores in index order.
+    NaN ranks above every number (so a group whose scores are all NaN keeps its first ``n_keep``
+    keys), and -0.0 ties with 0.0: the order ``torch.sort`` gives.
     """
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return torch.sort(order[..., :n_keep], dim=-1).values
@@ -166,11 +168,16 @@ def cs4a_mask(schedule: Schedule, step: int, params: CS4AParams, kept: torch.Ten
 
 
 def upsample_residual(residual: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear ``[B, H, h_d, w_d, D] -> [B, H, h*w, D]`` (``align_corners=False``, no antialias)."""
+    """Bilinear ``[B, H, h_d, w_d, D] -> [B, H, h*w, D]`` (``align_corners=False``, no antialias).
+
+    Computed on the CPU, whose kernel is the definition: each output mixes 4 taps, zero weights
+    included (so a NaN reaches every output one of its taps touches), except along an axis whose
+    size does not change, which is copied. The CUDA kernel also mixes that axis's second tap.
+    """
     B, H, hd, wd, D = residual.shape
-    x = residual.permute(0, 1, 4, 2, 3).reshape(B * H, D, hd, wd)
+    x = residual.permute(0, 1, 4, 2, 3).reshape(B * H, D, hd, wd).cpu()
     x = torch.nn.functional.interpolate(x, size=hw, mode="bilinear", align_corners=False)
-    return x.reshape(B, H, D, hw[0] * hw[1]).transpose(-1, -2)
+    return x.reshape(B, H, D, hw[0] * hw[1]).transpose(-1, -2).to(residual.device)
 
 
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule,
@@ -185,7 +192,7 @@ def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     """Decision step (SPEC section 4, steps 1-5). ``q``: ``[B, H, h_d*w_d, D]``, ``k, v``:
     ``[B, H, L_d, D]``. Returns ``(O_dense [B, H, h_d*w_d, D], state)``."""
     check_step_inputs(q, k, v, schedule, step)
-    _check_decision(step, params, after=False)
+    check_decision(step, params, after=False)
     out = dense_attention(q, k, v, scale)
     scores = column_scores(q, k, scale, params.group_size)
     kept = select_keys(scores, num_keep(k.shape[2], params.keep_ratio))
@@ -201,7 +208,7 @@ def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
                 params: CS4AParams, state: CS4AState, scale: float = 1.0) -> torch.Tensor:
     """Later step ``k > d`` (SPEC section 4): ``O_sel + up(R)`` (``O_sel`` without residual)."""
     check_step_inputs(q, k, v, schedule, step)
-    _check_decision(step, params, after=True)
+    check_decision(step, params, after=True)
     check_state(state, q, schedule, params)
     out = selected_attention(q, k, v, schedule, step, params, state.kept, scale)
     if params.residual:
@@ -209,7 +216,8 @@ def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     return out
 
 
-def _check_decision(step: int, params: CS4AParams, after: bool) -> None:
+def check_decision(step: int, params: CS4AParams, after: bool) -> None:
+    """Raise ``ValueError`` unless ``step`` is the decision scale (``after=False``) or later."""
     d = params.decision_scale
     if after and step <= d:
         raise ValueError(f"cs4a_sparse runs at steps after the decision scale {d}, got step {step}")

@@ -13,6 +13,7 @@ import torch
 
 from .attention import check_step_inputs, masked_attention
 from .schedule import Schedule
+from .validate import int_field, window_list
 
 __all__ = ["CSLAParams", "centre", "key_windows", "csla_allows", "csla_mask", "csla_attention"]
 
@@ -27,17 +28,9 @@ class CSLAParams:
     win_rel: tuple[int, ...] = (7, 5, 3, 1, 1, 0, 0, 0)
 
     def __post_init__(self):
-        object.__setattr__(self, "win_rel", tuple(int(w) for w in self.win_rel))
-        if isinstance(self.sink_scales, bool) or not isinstance(self.sink_scales, int) or self.sink_scales < 0:
-            raise ValueError(f"sink_scales must be an int >= 0, got {self.sink_scales!r}")
-        check_windows("win_rel", self.win_rel)
-
-
-def check_windows(field: str, windows) -> None:
-    """Each window is odd and positive, 0 (excluded) or -1 (whole scale)."""
-    for t, w in enumerate(windows):
-        if w not in (0, -1) and (w < 0 or w % 2 == 0):
-            raise ValueError(f"{field}[{t}] must be an odd positive int, 0 or -1, got {w}")
+        int_field("CSLAParams field", "sink_scales", self.sink_scales, 0)
+        object.__setattr__(self, "win_rel",
+                           window_list("CSLAParams field", "win_rel", self.win_rel, None, allow_whole=True))
 
 
 def centre(index: torch.Tensor, src_len: int, dst_len: int) -> torch.Tensor:

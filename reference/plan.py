@@ -9,23 +9,35 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 
-import torch
-
-from .attention import check_step_inputs, dense_attention
-from .cs4a import CS4AParams, CS4AState, cs4a_decide, cs4a_sparse
-from .csla import CSLAParams, csla_attention
+from .cs4a import CS4AParams
+from .csla import CSLAParams
 from .schedule import Schedule
+from .validate import int_field, window_list
 
-__all__ = ["KINDS", "SparsityPlan", "default_plan", "attention_step"]
+__all__ = ["StepKind", "SparsityPlan", "default_plan"]
 
-KINDS = ("dense", "cs4a_decide", "cs4a_sparse", "csla")
+
+class StepKind(str, Enum):
+    """What attention a plan runs at one (layer, step). The values are the names config files,
+    tables and the SPEC use; a ``StepKind`` compares equal to its value."""
+
+    DENSE = "dense"
+    CS4A_DECIDE = "cs4a_decide"
+    CS4A_SPARSE = "cs4a_sparse"
+    CSLA = "csla"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 # The authors' Infinity 1024 setting, read relative to the schedule's length.
 _DEFAULT_WIN_REL = (7, 5, 3, 1, 1, 0, 0, 0)
 _DEFAULT_BAND_REL = (9, 7)
 _DEFAULT_SINKS = 5
 _DEFAULT_BOUND_LAYER = 10
+_OWNER = "plan field"
 
 
 @dataclass(frozen=True)
@@ -54,25 +66,26 @@ class SparsityPlan:
     def __post_init__(self):
         for name in ("win_rel", "band_rel"):
             v = getattr(self, name)
-            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
-                raise ValueError(f"plan field {name!r} must be a list of ints, got {v!r}")
+            if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
+                raise ValueError(f"{_OWNER} {name!r} must be a list of ints, got {v!r}")
             object.__setattr__(self, name, tuple(v))
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field outside its allowed range."""
-        S, N = _int_field("num_scales", self.num_scales, 1, None), _int_field("depth", self.depth, 1, None)
-        d = _int_field("decision_scale", self.decision_scale, 0, S - 1)
-        _int_field("bound_layer", self.bound_layer, -1, N - 1)
-        _int_field("sink_scales", self.sink_scales, 0, S)
-        _int_field("group_size", self.group_size, 1, None)
+        S = int_field(_OWNER, "num_scales", self.num_scales, 1)
+        N = int_field(_OWNER, "depth", self.depth, 1)
+        d = int_field(_OWNER, "decision_scale", self.decision_scale, 0, S - 1)
+        int_field(_OWNER, "bound_layer", self.bound_layer, -1, N - 1)
+        int_field(_OWNER, "sink_scales", self.sink_scales, 0, S)
+        int_field(_OWNER, "group_size", self.group_size, 1)
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) \
                 or not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"plan field 'keep_ratio' must be a number in (0, 1], got {self.keep_ratio!r}")
+            raise ValueError(f"{_OWNER} 'keep_ratio' must be a number in (0, 1], got {self.keep_ratio!r}")
         if not isinstance(self.residual, bool):
-            raise ValueError(f"plan field 'residual' must be true or false, got {self.residual!r}")
-        _window_list("win_rel", self.win_rel, S, allow_whole=True)
-        _window_list("band_rel", self.band_rel, S - 1 - d, allow_whole=False)
+            raise ValueError(f"{_OWNER} 'residual' must be true or false, got {self.residual!r}")
+        window_list(_OWNER, "win_rel", self.win_rel, S, allow_whole=True)
+        window_list(_OWNER, "band_rel", self.band_rel, S - 1 - d, allow_whole=False)
 
     @property
     def csla(self) -> CSLAParams:
@@ -83,18 +96,16 @@ class SparsityPlan:
         return CS4AParams(self.decision_scale, self.group_size, float(self.keep_ratio),
                           self.band_rel, self.residual)
 
-    def kind(self, layer: int, step: int) -> str:
-        """One of ``KINDS`` for ``(layer, step)``."""
-        if not 0 <= layer < self.depth:
-            raise ValueError(f"layer must be in [0, {self.depth - 1}], got {layer}")
-        if not 0 <= step < self.num_scales:
-            raise ValueError(f"step must be in [0, {self.num_scales - 1}], got {step}")
+    def kind(self, layer: int, step: int) -> StepKind:
+        """The ``StepKind`` at ``(layer, step)``; ``ValueError`` for a layer or step out of range."""
+        int_field("plan", "layer", layer, 0, self.depth - 1)
+        int_field("plan", "step", step, 0, self.num_scales - 1)
         d = self.decision_scale
         if step < d:
-            return "dense"
+            return StepKind.DENSE
         if layer <= self.bound_layer:
-            return "cs4a_decide" if step == d else "cs4a_sparse"
-        return "csla"
+            return StepKind.CS4A_DECIDE if step == d else StepKind.CS4A_SPARSE
+        return StepKind.CSLA
 
     def check_schedule(self, schedule: Schedule) -> None:
         if schedule.num_scales != self.num_scales:
@@ -132,26 +143,6 @@ class SparsityPlan:
         return cls.from_dict(data)
 
 
-def _int_field(name: str, v, lo: int, hi: int | None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"plan field {name!r} must be an int, got {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"plan field {name!r} must be in {rng}, got {v}")
-    return v
-
-
-def _window_list(name: str, windows, max_len: int, allow_whole: bool) -> None:
-    if len(windows) > max(max_len, 0):
-        raise ValueError(f"plan field {name!r} has {len(windows)} entries, at most {max(max_len, 0)} allowed")
-    allowed = "an odd positive int, 0" + (" or -1" if allow_whole else "")
-    for t, w in enumerate(windows):
-        ok = isinstance(w, int) and not isinstance(w, bool) and (
-            w == 0 or (w > 0 and w % 2 == 1) or (allow_whole and w == -1))
-        if not ok:
-            raise ValueError(f"plan field '{name}[{t}]' must be {allowed}, got {w!r}")
-
-
 def default_plan(schedule: Schedule, depth: int) -> SparsityPlan:
     """The authors' Infinity defaults, fitted to ``schedule`` and ``depth``.
 
@@ -166,26 +157,3 @@ def default_plan(schedule: Schedule, depth: int) -> SparsityPlan:
         num_scales=S, depth=depth, decision_scale=d, bound_layer=min(_DEFAULT_BOUND_LAYER, depth - 1),
         sink_scales=sinks, win_rel=_DEFAULT_WIN_REL[: S - sinks],
         band_rel=_DEFAULT_BAND_REL[: S - 1 - d])
-
-
-def attention_step(plan: SparsityPlan, schedule: Schedule, layer: int, step: int, q: torch.Tensor,
-                   k: torch.Tensor, v: torch.Tensor, scale: float = 1.0,
-                   state: CS4AState | None = None) -> tuple[torch.Tensor, CS4AState | None]:
-    """Run one (layer, step) attention as the plan says, with the reference implementations.
-
-    ``q``: ``[B, H, h_k*w_k, D]``; ``k, v``: ``[B, H, L_k, D]``. ``state`` is the layer's CS4A
-    state from its decision step (needed by ``cs4a_sparse``). Returns ``(out, state)``: the new
-    state after ``cs4a_decide``, else the one passed in.
-    """
-    plan.check_schedule(schedule)
-    check_step_inputs(q, k, v, schedule, step)
-    kind = plan.kind(layer, step)
-    if kind == "dense":
-        return dense_attention(q, k, v, scale), state
-    if kind == "csla":
-        return csla_attention(q, k, v, schedule, step, plan.csla, scale), state
-    if kind == "cs4a_decide":
-        return cs4a_decide(q, k, v, schedule, step, plan.cs4a, scale)
-    if state is None:
-        raise ValueError(f"layer {layer} step {step} is cs4a_sparse and needs the state of its decision step")
-    return cs4a_sparse(q, k, v, schedule, step, plan.cs4a, state, scale), state

@@ -1,7 +1,9 @@
 """Attention benchmark at Infinity 1024 shapes: correctness first, then medians against cuDNN SDPA,
 flash SDPA and FlexAttention given the identical token mask, all in one run on one card.
 
-Used by ``bench/attention.py`` and ``sparvar bench``.
+Every time is a median of CUDA graph replays (``sparvar.timing``); the eager ``do_bench`` median
+and the host time per call (median over 1,000 eager calls) stand beside it. Used by
+``bench/attention.py`` and ``sparvar bench``.
 """
 
 from __future__ import annotations
@@ -15,30 +17,20 @@ import torch
 import sparvar.kernels as K
 import sparvar.reference as R
 
+from .dispatch import StepDispatcher
 from .hardware import gpu_name, sanitize, software_versions
+from .timing import time_gpu
 
-__all__ = ["run_attention_benchmark"]
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
+__all__ = ["run_attention_benchmark", "print_table"]
 
 
 def _check(name: str, out: torch.Tensor, ref: torch.Tensor, heads=(0,), tol: float = 1e-2) -> float:
     """Relative error on the checked heads; refuse to go on if it is over ``tol``."""
-    err = max(_rel_err(out[:, h:h + 1], ref[:, i:i + 1]) for i, h in enumerate(heads))
+    err = max(R.relative_error(out[:, h:h + 1], ref[:, i:i + 1]) for i, h in enumerate(heads))
     if not err < tol:
         raise SystemExit(f"correctness check failed for {name}: relative error {err:.3e} >= {tol}; "
                          "no speedup reported")
     return err
-
-
-def _bench(fn) -> float:
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
 def _sdpa(backend):
@@ -50,8 +42,8 @@ def _sdpa(backend):
     return run
 
 
-def _flex_runner(mask: torch.Tensor, B: int, H: int, nq: int, nk: int):
-    """Compiled FlexAttention with ``mask`` ([nq, nk] or [B, H, nq, nk]); best of two block sizes."""
+def _flex_runners(mask: torch.Tensor, nq: int, nk: int):
+    """Compiled FlexAttention with ``mask`` ``[nq, nk]``, for two block sizes."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     # One compiled graph per shape and mask: lift dynamo's recompile limit, which otherwise sends
@@ -60,29 +52,36 @@ def _flex_runner(mask: torch.Tensor, B: int, H: int, nq: int, nk: int):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
     flex = torch.compile(flex_attention, dynamic=False)
-    if mask.dim() == 2:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return mask[q_idx, kv_idx]
-        mb, mh = None, None
-    else:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return mask[b, h, q_idx, kv_idx]
-        mb, mh = B, H
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask[q_idx, kv_idx]
     runners = {}
     for bs in (128, (128, 64)):
-        block_mask = create_block_mask(mask_mod, mb, mh, nq, nk, device="cuda", BLOCK_SIZE=bs)
+        block_mask = create_block_mask(mask_mod, None, None, nq, nk, device="cuda", BLOCK_SIZE=bs)
         runners[str(bs)] = lambda q, k, v, bm=block_mask: flex(q, k, v, block_mask=bm, scale=1.0)
     return runners
 
 
-def _inputs(s, step, B, H, D, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    nq, nk = s.num_queries(step), s.num_keys(step)
-    return [torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, generator=g) for n in (nq, nk, nk)]
+class _Rows:
+    def __init__(self, B: int, D: int, host_calls: int):
+        self.B, self.D, self.host_calls, self.rows = B, D, host_calls, []
+
+    def add(self, H, step, impl, fn, pairs, dense_pairs, err, base=None, flex=None, host=False) -> float:
+        t = time_gpu(fn, eager=True, host_calls=self.host_calls if host else 0)
+        row = {"heads": H, "step": step, "impl": impl, "ms": round(t.ms, 4), "eager_ms": round(t.eager_ms, 4),
+               "host_us": None if t.host_us is None else round(t.host_us, 1),
+               "density": round(pairs / dense_pairs, 4),
+               "tflops": round(4 * pairs * self.D * self.B * H / (t.ms * 1e-3) / 1e12, 1), "rel_err": err}
+        if base is not None:
+            row["x_vs_cudnn"] = round(base / t.ms, 2)
+        if flex is not None:
+            row["x_vs_flex"] = round(flex / t.ms, 2)
+        self.rows.append(row)
+        return t.ms
 
 
 def run_attention_benchmark(heads=(16, 28), steps=(10, 11, 12), out_dir: str | Path = "bench/results",
-                            flex: bool = True) -> dict:
+                            flex: bool = True, host_calls: int = 1000) -> dict:
     """Benchmark every kernel kind at Infinity 1024 (B=2, D=128, bf16) and write
     ``<out_dir>/<gpu>/attention.json``. Returns the result dict."""
     from torch.nn.attention import SDPBackend
@@ -91,55 +90,67 @@ def run_attention_benchmark(heads=(16, 28), steps=(10, 11, 12), out_dir: str | P
         raise SystemExit("the attention benchmark needs a CUDA GPU")
     s, B, D = R.infinity_schedule(), 2, 128
     plan = R.default_plan(s, 32)
-    d = plan.decision_scale
-    csla, cs4a = plan.csla, plan.cs4a
-    rows = []
+    d, csla, cs4a = plan.decision_scale, plan.csla, plan.cs4a
+    rows = _Rows(B, D, host_calls)
+    one = lambda *ts: (t[:, :1].double() for t in ts)  # noqa: E731 - the checked (batch, head) slice
     for H in heads:
-        q, k, v = _inputs(s, d, B, H, D, 0)
-        _, state = K.cs4a_decide(q, k, v, s, d, cs4a)
+        # One KV cache for the schedule: later steps continue the decision step's keys.
+        _, k_all, v_all = R.step_inputs(s, s.num_scales - 1, B, H, D, dtype=torch.bfloat16, device="cuda", seed=H)
+        q_all = R.step_inputs(s, s.num_scales - 1, B, H, D, dtype=torch.bfloat16, device="cuda", seed=H + 1)[1]
+
+        def inputs(step):
+            lo, hi = s.offsets[step], s.offsets[step + 1]
+            return q_all[:, :, lo:hi], k_all[:, :, :hi], v_all[:, :, :hi]
+        # The runtime's dispatcher runs layer 0's decision step; its state feeds the sparse rows.
+        attn = StepDispatcher(plan, s)
+        attn(0, d, *inputs(d))
+        state = attn.state(0)
         for step in steps:
-            q, k, v = _inputs(s, step, B, H, D, step)
-            nq, nk = s.num_queries(step), s.num_keys(step)
-            dense_pairs = nq * nk
-            ref_dense = R.dense_attention(*(t[:, :1].double() for t in (q, k, v)), 1.0)
+            q, k, v = inputs(step)
+            dense_pairs = s.num_queries(step) * s.num_keys(step)
+            ref_dense = R.dense_attention(*one(q, k, v), 1.0)
             base = {}
             for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
                 fn = _sdpa(backend)
                 err = _check(name, fn(q, k, v), ref_dense)
-                base[name] = _bench(lambda: fn(q, k, v))
-                rows.append(_row(H, step, name, base[name], dense_pairs, dense_pairs, B, H, D, err, base))
+                base[name] = rows.add(H, step, name, lambda: fn(q, k, v), dense_pairs, dense_pairs, err,
+                                      base.get("sdpa_cudnn"))
+            cudnn = base["sdpa_cudnn"]
             mask = R.csla_mask(s, step, csla).cuda()
-            ref = R.masked_attention(*(t[:, :1].double() for t in (q, k, v)), mask, 1.0)[0]
-            pairs = int(mask.sum())
+            ref = R.masked_attention(*one(q, k, v), mask, 1.0)[0]
+            pairs = R.csla_pairs(s, step, csla)
+            flex_ms = None
             if flex:
                 best = None
-                for bs, fn in _flex_runner(mask, B, H, nq, nk).items():
+                for bs, fn in _flex_runners(mask, s.num_queries(step), s.num_keys(step)).items():
                     err = _check(f"flex csla {bs}", fn(q, k, v), ref)
-                    t = _bench(lambda: fn(q, k, v))
+                    t = time_gpu(lambda: fn(q, k, v)).ms
                     if best is None or t < best[0]:
-                        best = (t, bs, err)
-                base["flex_csla"] = best[0]
-                rows.append(_row(H, step, f"flex_csla[{best[1]}]", best[0], pairs, dense_pairs, B, H, D, best[2], base))
+                        best = (t, bs, fn, err)
+                flex_ms = rows.add(H, step, f"flex_csla[{best[1]}]", lambda: best[2](q, k, v), pairs, dense_pairs,
+                                   best[3], cudnn)
             err = _check("csla", K.csla_attention(q, k, v, s, step, csla), ref)
-            t = _bench(lambda: K.csla_attention(q, k, v, s, step, csla))
-            rows.append(_row(H, step, "ours_csla", t, pairs, dense_pairs, B, H, D, err, base, "flex_csla"))
+            rows.add(H, step, "ours_csla", lambda: K.csla_attention(q, k, v, s, step, csla), pairs, dense_pairs, err,
+                     cudnn, flex_ms, host=True)
             if step == d:
-                ref = R.cs4a_decide(*(t_[:, :1].double() for t_ in (q, k, v)), s, d, cs4a, 1.0)[0]
+                ref = R.cs4a_decide(*one(q, k, v), s, d, cs4a, 1.0)[0]
                 err = _check("cs4a_decide", K.cs4a_decide(q, k, v, s, d, cs4a)[0], ref)
-                t = _bench(lambda: K.cs4a_decide(q, k, v, s, d, cs4a))
-                rows.append(_row(H, step, "ours_cs4a_decide", t, dense_pairs, dense_pairs, B, H, D, err, base))
-                rows += _decision_parts(q, k, v, s, d, cs4a, H, B, D, base)
-            else:
-                kept = state.kept[:, :1].long()
-                ref_state = R.CS4AState(d, kept, state.residual[:, :1].double())
-                ref = R.cs4a_sparse(*(t_[:, :1].double() for t_ in (q, k, v)), s, step, cs4a, ref_state, 1.0)
+                rows.add(H, step, "ours_cs4a_decide", lambda: K.cs4a_decide(q, k, v, s, d, cs4a), dense_pairs,
+                         dense_pairs, err, cudnn, host=True)
+                _decision_parts(rows, q, k, v, s, d, cs4a, H, dense_pairs, cudnn)
+            elif step > d:
+                ref_state = R.CS4AState(d, state.kept[:, :1].long(), state.residual[:, :1].double())
+                ref = R.cs4a_sparse(*one(q, k, v), s, step, cs4a, ref_state, 1.0)
                 err = _check("cs4a_sparse", K.cs4a_sparse(q, k, v, s, step, cs4a, state), ref)
-                pairs = R.cs4a_pairs(s, step, cs4a)
-                t = _bench(lambda: K.cs4a_sparse(q, k, v, s, step, cs4a, state))
-                rows.append(_row(H, step, "ours_cs4a_sparse", t, pairs, dense_pairs, B, H, D, err, base))
+                rows.add(H, step, "ours_cs4a_sparse", lambda: K.cs4a_sparse(q, k, v, s, step, cs4a, state),
+                         R.cs4a_pairs(s, step, cs4a), dense_pairs, err, cudnn, host=True)
+                rows.add(H, step, "runtime_cs4a_sparse", lambda: attn(0, step, q, k, v),
+                         R.cs4a_pairs(s, step, cs4a), dense_pairs, float("nan"), cudnn, host=True)
             torch.cuda.empty_cache()
     result = {"gpu": gpu_name(), **software_versions(), "date": time.strftime("%Y-%m-%d"),
-              "shape": {"B": B, "D": D, "dtype": "bfloat16", "schedule": s.name}, "rows": rows}
+              "timing": "ms: CUDA graph replay median; eager_ms: do_bench median of eager calls; host_us: median "
+                        "host time per eager call",
+              "shape": {"B": B, "D": D, "dtype": "bfloat16", "schedule": s.name}, "rows": rows.rows}
     path = Path(out_dir) / sanitize(gpu_name()) / "attention.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
@@ -148,44 +159,30 @@ def run_attention_benchmark(heads=(16, 28), steps=(10, 11, 12), out_dir: str | P
     return result
 
 
-def _decision_parts(q, k, v, s, d, cs4a, H, B, D, base) -> list[dict]:
+def _decision_parts(rows: _Rows, q, k, v, s, d, cs4a, H, dense_pairs, cudnn) -> None:
     """Time each pass of the decision step alone, to show where its time goes."""
-    from sparvar.kernels.cs4a import _cfg, _kept_table, scores_from_lse
-    from sparvar.kernels.launch import dense_lse_fwd, select_topk_fwd, sparse_attn_fwd
-    from sparvar.kernels.tiles import group_tiles
-
     nq, nk = q.shape[2], k.shape[2]
-    out, lse = dense_lse_fwd(q, k, v, 1.0, _cfg(None, "cs4a_dense"))
-    scores = scores_from_lse(q, k, lse, 1.0, cs4a.group_size)
+    out, lse, _ = K.dense_with_lse(q, k, v)
+    scores = K.scores_from_lse(q, k, lse, 1.0, cs4a.group_size)
     n_keep = R.num_keep(nk, cs4a.keep_ratio)
-    kept = select_topk_fwd(scores, n_keep)
-    cfg = _cfg(None, "cs4a_select")
-    tables = group_tiles(s, d, cs4a, cfg.block_m, cfg.block_n)
+    kept = K.select_keys(scores, n_keep)
     parts = {
-        "part_dense_lse": (lambda: dense_lse_fwd(q, k, v, 1.0, _cfg(None, "cs4a_dense")), nq * nk),
-        "part_scores": (lambda: scores_from_lse(q, k, lse, 1.0, cs4a.group_size), nq * nk / 2),
-        "part_topk": (lambda: select_topk_fwd(scores, n_keep), 0),
-        "part_select_residual": (lambda: sparse_attn_fwd(q, k, v, tables, cfg, 1.0, name="cs4a_select",
-                                                         kept=_kept_table(kept, q), epilogue=2, res=out), nq * n_keep),
+        "part_dense_lse": (lambda: K.dense_with_lse(q, k, v), nq * nk),
+        "part_scores": (lambda: K.scores_from_lse(q, k, lse, 1.0, cs4a.group_size), nq * nk / 2),
+        "part_topk": (lambda: K.select_keys(scores, n_keep), 0),
+        "part_select_residual": (lambda: K.selected_residual(q, k, v, s, d, cs4a, kept, out), nq * n_keep),
     }
-    return [_row(H, d, name, _bench(fn), pairs, nq * nk, B, H, D, float("nan"), base)
-            for name, (fn, pairs) in parts.items()]
-
-
-def _row(H, step, name, ms, pairs, dense_pairs, B, heads, D, err, base, flex_key=None) -> dict:
-    row = {"heads": H, "step": step, "impl": name, "ms": round(ms, 4),
-           "density": round(pairs / dense_pairs, 4),
-           "tflops": round(4 * pairs * D * B * heads / (ms * 1e-3) / 1e12, 1), "rel_err": err}
-    if "sdpa_cudnn" in base:
-        row["x_vs_cudnn"] = round(base["sdpa_cudnn"] / ms, 2)
-    if flex_key and flex_key in base:
-        row["x_vs_flex"] = round(base[flex_key] / ms, 2)
-    return row
+    for name, (fn, pairs) in parts.items():
+        rows.add(H, d, name, fn, pairs, dense_pairs, float("nan"), cudnn)
 
 
 def print_table(result: dict) -> None:
     print(f"GPU {result['gpu']} | CUDA {result['cuda']} | torch {result['torch']} | triton {result['triton']}")
-    print(f"{'H':>3} {'scale':>5} {'impl':<24} {'ms':>8} {'TFLOP/s':>8} {'density':>8} {'vs cuDNN':>9} {'vs flex':>8}")
+    print("ms = CUDA graph replay median; eager = do_bench median; host = us per eager call")
+    print(f"{'H':>3} {'scale':>5} {'impl':<22} {'ms':>8} {'eager':>8} {'host us':>8} {'TFLOP/s':>8} "
+          f"{'density':>8} {'vs cuDNN':>9} {'vs flex':>8}")
     for r in result["rows"]:
-        print(f"{r['heads']:>3} {r['step']:>5} {r['impl']:<24} {r['ms']:>8.4f} {r['tflops']:>8.1f} "
-              f"{r['density']:>8.4f} {r.get('x_vs_cudnn', ''):>9} {r.get('x_vs_flex', ''):>8}")
+        host = "" if r.get("host_us") is None else f"{r['host_us']:.1f}"
+        print(f"{r['heads']:>3} {r['step']:>5} {r['impl']:<22} {r['ms']:>8.4f} {r.get('eager_ms', 0):>8.4f} "
+              f"{host:>8} {r['tflops']:>8.1f} {r['density']:>8.4f} {r.get('x_vs_cudnn', ''):>9} "
+              f"{r.get('x_vs_flex', ''):>8}")

@@ -15,8 +15,9 @@ __all__ = ["main"]
 def _model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny") -> None:
     from .models import MODELS
 
+    default = " (default: %(default)s)" if default_model else " (required)"
     p.add_argument("--model", default=default_model, required=default_model is None,
-                   help=f"model preset: {', '.join(MODELS)} (default: %(default)s)")
+                   help=f"model preset: {', '.join(MODELS)}{default}")
     p.add_argument("--resolution", default=None,
                    help="image HEIGHTxWIDTH in pixels, e.g. 1024x1024 or 1152x864 (default: the model's)")
 
@@ -24,6 +25,7 @@ def _model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny") 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparvar", description="Sparse attention (CS4A, CSLA) for visual "
                                  "autoregressive models: tune kernels per GPU, inspect plans and configs, benchmark.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("autotune", help="search kernel parameters on this GPU and write a tuned config",
@@ -31,48 +33,57 @@ def _parser() -> argparse.ArgumentParser:
                        "on this GPU (or Triton's interpreter without one). Resumes an interrupted study when run again.")
     _model_args(p)
     p.add_argument("--trials", type=int, default=None, help="total trials in the study (default: 40 on a GPU, 6 on CPU)")
-    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds "
+                   "(default: no limit)")
     p.add_argument("--study-name", default=None, help="default: <gpu>-<model>-<h>x<w>")
     p.add_argument("--storage", default=None, help="Optuna storage: sqlite:///path, postgresql://..., or "
                    "journal:PATH (default: SQLite in the user's cache directory)")
     p.add_argument("--output-dir", default=None, help="where the tuned config goes (default: the user's config directory)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="worker processes on one shared study, one per visible GPU")
+    p.add_argument("--seed", type=int, default=0, help="sampler and input seed (default: 0)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on one shared study, one per visible GPU "
+                   "(default: 1)")
     p.add_argument("--calibration", default=None, help="torch file of q/k/v per (layer, scale) for the "
                    "semantic search (windows, sinks, decision scale, keep ratio); needs --max-rel-error")
     p.add_argument("--max-rel-error", type=float, default=None,
-                   help="quality bound: largest relative error of attention outputs against dense")
+                   help="quality bound: largest relative error of attention outputs against dense (with --calibration)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("configs", help="list tuned configs and show which one would be loaded here, and why")
+    p = sub.add_parser("configs", help="list tuned configs and show which one would be loaded here, and why",
+                       description="List the tuned configs in every search directory and, for a model, say which one "
+                       "loads on this GPU and why (files that do not fit the model are named with the field).")
     _model_args(p, default_model=None)
     p.add_argument("--config", default=None, help="an explicit config file to validate and prefer")
     p.add_argument("--strict", action="store_true", help="a malformed config is an error, not a warning")
 
-    p = sub.add_parser("plan", help="the default plan and its token densities for a model and resolution")
+    p = sub.add_parser("plan", help="the default plan and its token densities for a model and resolution",
+                       description="The authors' default plan fitted to a model and resolution, and the share of "
+                       "(query, key) pairs each sparse step computes.")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    p = sub.add_parser("bench", help="the attention benchmark at Infinity 1024 shapes (needs a GPU)")
-    p.add_argument("--heads", type=int, nargs="+", default=[16, 28])
-    p.add_argument("--steps", type=int, nargs="+", default=[10, 11, 12])
-    p.add_argument("--out", default="bench/results")
-    p.add_argument("--no-flex", action="store_true")
+    p = sub.add_parser("bench", help="the attention benchmark at Infinity 1024 shapes (needs a GPU)",
+                       description="Correctness first, then cuDNN and flash SDPA, FlexAttention with the identical "
+                       "mask and the SparVAR kernels, timed as CUDA graph replays, with eager and host times beside.")
+    p.add_argument("--heads", type=int, nargs="+", default=[16, 28], help="head counts (default: 16 28)")
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 11, 12], help="query scales (default: 10 11 12)")
+    p.add_argument("--out", default="bench/results", help="results folder (default: %(default)s)")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes minutes)")
     return ap
 
 
 def _cmd_autotune(args) -> int:
     import torch
 
-    from sparvar.autotune.study import AutotuneOptions, format_summary, run_autotune
+    from sparvar.autotune.setup import AutotuneOptions
+    from sparvar.autotune.study import format_summary, run_autotune
 
     trials = args.trials if args.trials is not None else (40 if torch.cuda.is_available() else 6)
     opts = AutotuneOptions(model=args.model, resolution=args.resolution, trials=trials, timeout=args.timeout,
                            study_name=args.study_name, storage=args.storage, output_dir=args.output_dir,
                            seed=args.seed, workers=args.workers, calibration=args.calibration,
                            max_rel_error=args.max_rel_error, progress=not args.no_progress)
-    _, path, summary = run_autotune(opts)
-    print(format_summary(summary, path))
+    config, path, measured = run_autotune(opts)
+    print(format_summary(measured, path, config.quality))
     return 0
 
 
@@ -99,16 +110,15 @@ def _cmd_configs(args) -> int:
             print(f"skipped: {msg}")
         where = f" ({choice.path})" if choice.path else ""
         print(f"{preset.name} {h}x{w} loads: {choice.reason}{where}")
-        if choice.config:
-            m = choice.config.measured
-            if "speedup_sparse_steps_vs_dense" in m:
-                print(f"  measured on {choice.config.gpu}: sparse steps {m['speedup_sparse_steps_vs_dense']:.2f}x "
-                      f"vs dense, {m['speedup_sparse_steps_vs_default']:.2f}x vs default config")
+        m = choice.config.measured if choice.config else None
+        if m is not None:
+            print(f"  measured on {m.device} ({m.timing}): sparse steps {m.speedup_vs_dense:.2f}x vs dense, "
+                  f"{m.speedup_vs_default:.2f}x vs default config")
     return 0
 
 
 def _cmd_plan(args) -> int:
-    from sparvar.reference import generation_density, plan_densities
+    from sparvar.reference import StepKind, generation_density, plan_densities
 
     from .models import get_model, model_plan, parse_resolution, resolve_schedule
 
@@ -123,7 +133,7 @@ def _cmd_plan(args) -> int:
     print(json.dumps(plan.to_dict()))
     print(f"{'scale':>5} {'queries x keys':>16} {'kind':<12} {'layers':>6} {'density':>8}")
     for r in plan_densities(plan, schedule):
-        if r.kind != "dense":
+        if r.kind != StepKind.DENSE:
             print(f"{r.step:>5} {f'{r.queries} x {r.keys}':>16} {r.kind:<12} {r.layers:>6} {100 * r.density:>7.2f}%")
     print(f"whole generation: {100 * generation_density(plan, schedule):.1f}% of dense pairs")
     return 0
@@ -134,6 +144,15 @@ def _cmd_bench(args) -> int:
 
     run_attention_benchmark(args.heads, args.steps, args.out, flex=not args.no_flex)
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sparvar")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparvar: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sparvar: interrupted; finished trials are kept in the study: run the same command to resume",
-              file=sys.stderr)
+        if args.command == "autotune":
+            print("sparvar: interrupted; finished trials are kept in the study: run the same command to resume",
+                  file=sys.stderr)
+        else:
+            print("sparvar: interrupted", file=sys.stderr)
         return 130
 
 

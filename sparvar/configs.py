@@ -17,16 +17,20 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparvar.kernels.config import STEP_KINDS, KernelConfig
+from sparvar.kernels import KernelConfig, LaunchKey
 from sparvar.reference import SparsityPlan
 
 from .errors import SparvarError
 from .hardware import compute_capability, gpu_name, sanitize, software_versions
+from .models import ModelPreset, get_model, resolve_schedule
+from .records import Measured, Quality
 
 __all__ = ["SCHEMA_VERSION", "TunedConfig", "ConfigChoice", "config_filename", "search_dirs",
-           "find_config", "load_config_file", "user_config_dir", "ENV_VAR"]
+           "find_config", "load_config_file", "user_config_dir", "ENV_VAR", "check_fits"]
 
-SCHEMA_VERSION = 1
+# Version 2 records the model's heads and head dim and how times were measured; version 1 files
+# are read as they are (their times were eager do_bench medians).
+SCHEMA_VERSION = 2
 ENV_VAR = "SPARVAR_CONFIG_PATH"
 
 
@@ -40,34 +44,38 @@ def user_config_dir() -> Path:
 class TunedConfig:
     """Plan and kernel parameters for one (GPU, model, resolution), with what was measured.
 
-    ``kernels`` maps a step key ``"<kind>@<scale>"`` (kind in ``STEP_KINDS``) to a ``KernelConfig``.
+    ``kernels`` maps a ``LaunchKey`` (a launch at a query scale) to a ``KernelConfig``;
+    ``heads``/``head_dim`` are the model's (``None`` in version 1 files).
     """
 
     model: str
     height: int
     width: int
     plan: SparsityPlan
-    kernels: dict[str, KernelConfig]
+    kernels: dict[LaunchKey, KernelConfig]
     gpu: str = field(default_factory=gpu_name)
     compute_capability: str = field(default_factory=compute_capability)
     versions: dict = field(default_factory=software_versions)
-    measured: dict = field(default_factory=dict)
-    quality: dict | None = None
+    measured: Measured | None = None
+    quality: Quality | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
-
-    def kernel_config(self, kind: str, step: int) -> KernelConfig | None:
-        return self.kernels.get(f"{kind}@{step}")
+    heads: int | None = None
+    head_dim: int | None = None
 
     def to_dict(self) -> dict:
         return {
             "schema_version": SCHEMA_VERSION, "gpu": self.gpu, "compute_capability": self.compute_capability,
             **{k: self.versions.get(k) for k in ("torch", "triton", "cuda")},
-            "model": self.model, "height": self.height, "width": self.width, "created": self.created,
-            "plan": self.plan.to_dict(), "kernels": {k: c.to_dict() for k, c in sorted(self.kernels.items())},
-            "measured": self.measured, "quality": self.quality,
+            "model": self.model, "height": self.height, "width": self.width, "heads": self.heads,
+            "head_dim": self.head_dim, "created": self.created, "plan": self.plan.to_dict(),
+            "kernels": {str(k): c.to_dict() for k, c in sorted(self.kernels.items())},
+            "measured": self.measured.to_dict() if self.measured else None,
+            "quality": self.quality.to_dict() if self.quality else None,
         }
 
     def save(self, directory: str | Path) -> Path:
+        """Write ``<directory>/<gpu>/<model>_<h>x<w>.json`` atomically (a temporary file renamed
+        over the target, so a reader never sees half a file)."""
         path = Path(directory) / sanitize(self.gpu) / config_filename(self.model, self.height, self.width)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
@@ -81,34 +89,55 @@ class TunedConfig:
         if not isinstance(data, dict):
             raise ValueError(f"top level must be a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
-        if not isinstance(version, int):
-            raise ValueError(f"field 'schema_version' must be an int, got {version!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"field 'schema_version' must be an int >= 1, got {version!r}")
         if version > SCHEMA_VERSION:
             raise NewerSchemaError(f"field 'schema_version' is {version}, newer than this sparvar's "
                                    f"{SCHEMA_VERSION}: upgrade sparvar to read it")
         for name, typ in (("model", str), ("height", int), ("width", int), ("gpu", str),
                           ("compute_capability", str), ("plan", dict), ("kernels", dict)):
-            if not isinstance(data.get(name), typ):
+            if isinstance(data.get(name), bool) or not isinstance(data.get(name), typ):
                 raise ValueError(f"field {name!r} must be {typ.__name__}, got {data.get(name)!r}")
+        for name in ("heads", "head_dim"):
+            v = data.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"field {name!r} must be a positive int or null, got {v!r}")
         try:
             plan = SparsityPlan.from_dict(data["plan"])
         except (ValueError, TypeError) as e:
             raise ValueError(f"field 'plan': {e}") from None
         kernels = {}
         for key, cfg in data["kernels"].items():
-            kind, _, step = key.partition("@")
-            if kind not in STEP_KINDS or not step.isdigit() or int(step) >= plan.num_scales:
-                raise ValueError(f"field 'kernels.{key}': key must be <kind>@<scale> with kind in "
-                                 f"{list(STEP_KINDS)} and scale < {plan.num_scales}")
             try:
-                kernels[key] = KernelConfig.from_dict(cfg)
+                kernels[LaunchKey.parse(key, plan.num_scales)] = KernelConfig.from_dict(cfg)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"field 'kernels.{key}': {e}") from None
+        measured = Measured.from_dict(data["measured"], version) if data.get("measured") else None
+        quality = Quality.from_dict(data["quality"]) if data.get("quality") else None
         return cls(model=data["model"], height=data["height"], width=data["width"], plan=plan, kernels=kernels,
                    gpu=data["gpu"], compute_capability=data["compute_capability"],
                    versions={k: data.get(k) for k in ("torch", "triton", "cuda")},
-                   measured=data.get("measured") or {}, quality=data.get("quality"),
-                   created=data.get("created", ""))
+                   measured=measured, quality=quality, created=data.get("created", ""),
+                   heads=data.get("heads"), head_dim=data.get("head_dim"))
+
+
+def check_fits(config: TunedConfig, preset: ModelPreset, height: int, width: int) -> None:
+    """Raise ``ValueError`` naming the field in which ``config`` does not fit the model it is
+    loaded for: model and image size, the schedule's scales, depth, heads and head dim (where
+    the file records them). A config that fits is applied whole, never in part."""
+    if (config.model, config.height, config.width) != (preset.name, height, width):
+        raise ValueError(f"fields 'model'/'height'/'width' say {config.model} {config.height}x{config.width}, "
+                         f"not {preset.name} {height}x{width}")
+    schedule = resolve_schedule(preset, height, width)
+    if config.plan.num_scales != schedule.num_scales:
+        raise ValueError(f"field 'plan.num_scales' is {config.plan.num_scales}, but {preset.name} at "
+                         f"{height}x{width} has {schedule.num_scales} scales")
+    if config.plan.depth != preset.depth:
+        raise ValueError(f"field 'plan.depth' is {config.plan.depth}, but {preset.name} has {preset.depth} layers")
+    for name in ("heads", "head_dim"):
+        got = getattr(config, name)
+        if got is not None and got != getattr(preset, name):
+            raise ValueError(f"field {name!r} is {got}, but {preset.name} has {getattr(preset, name)}")
 
 
 class NewerSchemaError(ValueError):
@@ -158,24 +187,20 @@ def find_config(model: str, height: int, width: int, path: str | Path | None = N
                 strict: bool = False) -> ConfigChoice:
     """Pick the tuned config for this GPU, model and resolution (module docstring)."""
     skipped: list[str] = []
+    preset = get_model(model)
 
     def load(p: Path) -> TunedConfig | None:
         try:
             cfg = load_config_file(p)
-        except SparvarError as e:
+            check_fits(cfg, preset, height, width)
+            return cfg
+        except (SparvarError, ValueError) as e:
+            msg = str(e) if isinstance(e, SparvarError) else f"{p}: {e}"
             if strict:
-                raise
-            skipped.append(str(e))
-            warnings.warn(f"skipping config {e}", stacklevel=3)
-            return None
-        if (cfg.model, cfg.height, cfg.width) != (model, height, width):
-            msg = f"{p}: fields 'model'/'height'/'width' say {cfg.model} {cfg.height}x{cfg.width}, not {model} {height}x{width}"
-            if strict:
-                raise SparvarError(msg)
+                raise SparvarError(msg) from None
             skipped.append(msg)
             warnings.warn(f"skipping config {msg}", stacklevel=3)
             return None
-        return cfg
 
     if path is not None:
         cfg = load(Path(path))

@@ -11,7 +11,7 @@ from sparvar.autotune.measure import Measurement, StepMeasurer
 
 
 class FaultyMeasurer(StepMeasurer):
-    def measure(self, unit_kind, step, configs, plan=None):
+    def measure(self, kind, step, configs, plan=None):
         cfg = next(iter(configs.values()), None)
         if cfg is not None:
             if (cfg.block_m, cfg.block_n) == (16, 16):
@@ -20,4 +20,4 @@ class FaultyMeasurer(StepMeasurer):
                 return Measurement("compile", message="OutOfResources: shared memory (injected)")
             if (cfg.block_m, cfg.block_n) == (64, 16):
                 return Measurement("wrong", message="out relative error 1.0e+00 (injected)")
-        return super().measure(unit_kind, step, configs, plan)
+        return super().measure(kind, step, configs, plan)

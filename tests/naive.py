@@ -21,11 +21,21 @@ def _centre(i, n_src, n_dst):
 
 
 def _softmax_row(q, keys, values, idx, scale):
+    """One query over the keys ``idx``, with the project's rule for non-finite values: a NaN or
+    +inf score, or a non-finite value row, among them gives an all-NaN row; -inf scores count
+    as absent keys; nothing left gives zeros."""
     if not idx:
         return torch.zeros_like(q)
-    s = torch.stack([(q * keys[t]).sum() * scale for t in idx])
-    p = torch.softmax(s, dim=0)
-    return sum(p[n] * values[t] for n, t in enumerate(idx))
+    s = [((q * keys[t]).sum() * scale).item() for t in idx]
+    if any(math.isnan(x) or x == math.inf for x in s) or any(not torch.isfinite(values[t]).all() for t in idx):
+        return torch.full_like(q, math.nan)
+    live = [n for n, x in enumerate(s) if x != -math.inf]
+    if not live:
+        return torch.zeros_like(q)
+    top = max(s[n] for n in live)
+    w = {n: math.exp(s[n] - top) for n in live}
+    total = sum(w.values())
+    return sum((w[n] / total) * values[idx[n]] for n in live)
 
 
 def _window_for(grids, m, sinks, win_rel):
@@ -78,10 +88,13 @@ def cs4a_decide(q, k, v, grids, step, group_size, keep_ratio, scale):
             for qi in range(nq):
                 s = torch.stack([(q[b, h, qi] * k[b, h, t]).sum() * scale for t in range(L)])
                 p = torch.softmax(s, dim=0)
-                out[b, h, qi] = sum(p[t] * v[b, h, t] for t in range(L))
+                out[b, h, qi] = _softmax_row(q[b, h, qi], k[b, h], v[b, h], list(range(L)), scale)
                 for t in range(L):
                     scores[qi // group_size][t] += p[t].item()
-            sets = [sorted(sorted(range(L), key=lambda t: (-scores[g][t], t))[:n_keep]) for g in range(n_groups)]
+            # NaN ranks first, then larger scores, then lower indices.
+            sets = [sorted(sorted(range(L), key=lambda t: (not math.isnan(scores[g][t]),
+                                                           0.0 if math.isnan(scores[g][t]) else -scores[g][t], t))[:n_keep])
+                    for g in range(n_groups)]
             kept[b].append(sets)
             for qi in range(nq):
                 sel[b, h, qi] = _softmax_row(q[b, h, qi], k[b, h], v[b, h], sets[qi // group_size], scale)
@@ -111,6 +124,8 @@ def band_keys(grids, d, step, band_rel, queries):
 
 
 def _bilinear_axis(dst, n_in, n_out):
+    if n_in == n_out:  # an axis that keeps its size is copied (PyTorch's CPU kernel)
+        return dst, dst, 0.0
     src = max((dst + 0.5) * n_in / n_out - 0.5, 0.0)
     i0 = int(math.floor(src))
     i1 = min(i0 + 1, n_in - 1)

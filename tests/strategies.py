@@ -50,3 +50,20 @@ def cs4a_params(draw, num_scales: int, decision_scale: int | None = None):
 head_dims = st.sampled_from([16, 32, 64])
 batch_heads = st.tuples(st.integers(1, 2), st.integers(1, 3))
 seeds = st.integers(0, 2**31 - 1)
+
+
+nonfinite_values = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+def poison_some(data, tensors, max_count: int = 3) -> list[tuple[int, int, float]]:
+    """Write NaN or an infinity into up to ``max_count`` drawn elements of the drawn tensors (in
+    place); returns ``(tensor index, flat index, value)`` for the failure message."""
+    done = []
+    for _ in range(data.draw(st.integers(1, max_count))):
+        which = data.draw(st.integers(0, len(tensors) - 1))
+        t = tensors[which]
+        i = data.draw(st.integers(0, t.numel() - 1))
+        value = data.draw(nonfinite_values)
+        t.view(-1)[i] = value
+        done.append((which, i, value))
+    return done

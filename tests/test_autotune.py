@@ -14,8 +14,10 @@ import torch
 import pytest
 
 from sparvar.autotune.measure import BenchWorker, MeasurerSpec
-from sparvar.autotune.space import CPU_SPACE, SPACE, default_params, plan_units
-from sparvar.autotune.study import AutotuneOptions, open_storage, run_autotune
+from sparvar.autotune.setup import AutotuneOptions
+from sparvar.autotune.space import CPU_SPACE, SPACE, default_params, param_name, plan_units
+from sparvar.autotune.storage import open_storage
+from sparvar.autotune.study import run_autotune
 from sparvar.configs import load_config_file
 from sparvar.errors import SparvarError
 from sparvar.models import get_model, model_plan, resolve_schedule
@@ -40,18 +42,20 @@ def test_default_config_is_inside_the_space(space):
             if launch == "cs4a_dense" and "cudnn" in space[launch]["backend"]:
                 names = ["backend"]
             for n in names:
-                assert f"{launch}@{u.step}.{n}" in params
+                assert param_name(launch, u.step, n) in params
 
 
 def test_tiny_autotune_writes_a_config_and_resumes(tmp_path):
     storage = f"sqlite:///{tmp_path}/s.db"
     opts = AutotuneOptions(model="tiny", trials=3, storage=storage, output_dir=str(tmp_path), progress=False)
-    config, path, summary = run_autotune(opts)
+    config, path, measured = run_autotune(opts)
     assert path == tmp_path / "cpu" / "tiny_128x128.json"
     loaded = load_config_file(path)
     assert loaded.plan == config.plan and set(loaded.kernels) == set(config.kernels)
-    assert {"csla@4", "csla@5", "cs4a_dense@3", "cs4a_scores@3", "cs4a_select@3", "cs4a_sparse@5"} <= set(loaded.kernels)
-    assert summary["trials"] == {"COMPLETE": 3}
+    assert {"csla@4", "csla@5", "cs4a_dense@3", "cs4a_scores@3", "cs4a_select@3", "cs4a_sparse@5"} <= {
+        str(k) for k in loaded.kernels}
+    assert measured.trials == {"COMPLETE": 3} and loaded.measured == measured
+    assert "interpreter" in measured.timing
     study = optuna.load_study(study_name="cpu-tiny-128x128", storage=storage)
     first = study.trials[0]
     assert first.user_attrs.get("default") is True
@@ -81,15 +85,15 @@ def test_bad_configs_are_recorded_and_the_study_goes_on(tmp_path):
 
 
 def test_worker_restarts_after_its_process_dies():
-    from sparvar.kernels import KernelConfig
+    from sparvar.kernels import KernelConfig, Launch
 
     plan = model_plan(get_model("tiny"), resolve_schedule(get_model("tiny"), 128, 128))
     spec = MeasurerSpec(plan, resolve_schedule(get_model("tiny"), 128, 128).grids, 1, 2, 16)
     worker = BenchWorker(FaultyMeasurer, (spec,))
     try:
-        crash = worker.measure("csla", 4, {"csla": KernelConfig(16, 16, 4, 1, 4, 4)})
+        crash = worker.measure("csla", 4, {Launch.CSLA: KernelConfig(16, 16, 4, 1, 4, 4)})
         assert crash.status == "crash" and "exit code 3" in crash.message
-        ok = worker.measure("csla", 4, {"csla": KernelConfig(32, 32, 4, 1, 4, 8)})
+        ok = worker.measure("csla", 4, {Launch.CSLA: KernelConfig(32, 32, 4, 1, 4, 8)})
         assert ok.status == "ok" and ok.ms > 0 and worker.restarts == 1
     finally:
         worker.close()
@@ -175,8 +179,8 @@ def test_semantic_search_under_a_quality_bound(tmp_path):
     calib = make_calibration(tmp_path / "calib.pt", schedule, layers=[0, 3], heads=2, head_dim=16)
     opts = AutotuneOptions(model="tiny", trials=4, storage=f"sqlite:///{tmp_path}/s.db", output_dir=str(tmp_path),
                            progress=False, calibration=str(calib), max_rel_error=1.5)
-    config, path, summary = run_autotune(opts)
-    assert config.quality["bound"] == 1.5 and config.quality["measured"] <= 1.5
+    config, path, measured = run_autotune(opts)
+    assert config.quality.bound == 1.5 and config.quality.measured <= 1.5
     assert path.with_suffix(".pareto.png").stat().st_size > 1000
     study = optuna.load_study(study_name="cpu-tiny-128x128-semantic", storage=opts.storage)
     assert len(study.directions) == 2 and len(study.trials) == 4

@@ -13,18 +13,21 @@ from sparvar.cli import main
 from sparvar.configs import SCHEMA_VERSION, TunedConfig, find_config, load_config_file
 from sparvar.errors import SparvarError
 from sparvar.hardware import gpu_name, sanitize
-from sparvar.kernels import KernelConfig
+from sparvar.dispatch import Backend, run_step
+from sparvar.kernels import KernelConfig, Launch, LaunchKey
 from sparvar.models import get_model, model_plan, resolve_schedule
-from sparvar.reference import CS4AState, attention_step
+from sparvar.records import Measured, UnitTiming
+from sparvar.reference import CS4AState, relative_error, step_inputs
 from sparvar.runtime import SparseAttention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _tiny_config(**measured):
+def _tiny_config(measured=None):
     preset = get_model("tiny")
     plan = model_plan(preset, resolve_schedule(preset, 128, 128))
-    return TunedConfig("tiny", 128, 128, plan, {"csla@5": KernelConfig(32, 16, 4, 2, 4, 8)}, measured=measured)
+    return TunedConfig("tiny", 128, 128, plan, {LaunchKey(Launch.CSLA, 5): KernelConfig(32, 16, 4, 2, 4, 8)},
+                       measured=measured, heads=preset.heads, head_dim=preset.head_dim)
 
 
 @pytest.fixture
@@ -36,7 +39,7 @@ def isolated(tmp_path, monkeypatch):
 
 
 def test_round_trip(tmp_path):
-    cfg = _tiny_config(speedup=1.5)
+    cfg = _tiny_config(Measured("cpu", "interpreter", [UnitTiming("csla@5", 3, 0, 1.0, 2.0, 4.0)], [], {"COMPLETE": 1}))
     path = cfg.save(tmp_path)
     assert path == tmp_path / sanitize(gpu_name()) / "tiny_128x128.json"
     again = load_config_file(path)
@@ -64,6 +67,11 @@ def test_fallback_to_defaults_with_warning(isolated):
     (lambda d: d.update(kernels={"csla@5": {"block_m": 48}}), "kernels.csla@5"),
     (lambda d: d["plan"].update(keep_ratio=2.0), "plan"),
     (lambda d: d.update(kernels={"oops@1": {}}), "kernels.oops@1"),
+    (lambda d: d.update(kernels={"csla@6": {}}), "kernels.csla@6"),
+    (lambda d: d.update(measured={"device": "x"}), "field 'measured' is missing field 'timing'"),
+    (lambda d: d["plan"].update(num_scales=7, decision_scale=3), "'plan.num_scales' is 7, but tiny at 128x128 has 6"),
+    (lambda d: d["plan"].update(depth=2, bound_layer=1), "'plan.depth' is 2, but tiny has 4 layers"),
+    (lambda d: d.update(heads=3), "field 'heads' is 3, but tiny has 2"),
     (lambda d: d.update(height="128"), "'height'"),
     (lambda d: d.update(schema_version=SCHEMA_VERSION + 1), "newer than this sparvar"),
 ])
@@ -105,21 +113,23 @@ def test_same_compute_capability_from_another_gpu(isolated, monkeypatch):
 def test_runtime_runs_a_generation_like_the_reference(isolated):
     attn = SparseAttention.for_model("tiny", config_path=_tiny_config().save(isolated / "cfg"))
     s, plan = attn.schedule, attn.plan
-    assert attn.kernel_configs(5)["csla"] == KernelConfig(32, 16, 4, 2, 4, 8)
-    g = torch.Generator().manual_seed(0)
+    assert attn.configs_at(5)[Launch.CSLA] == KernelConfig(32, 16, 4, 2, 4, 8)
+    _, k_all, v_all = step_inputs(s, s.num_scales - 1, 1, 2, 16, seed=0)
+    q_all = step_inputs(s, s.num_scales - 1, 1, 2, 16, seed=1)[1]
     for layer in (0, 3):
-        state = None
         attn.new_image()
         for step in range(s.num_scales):
-            q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (s.sizes[step], s.num_keys(step), s.num_keys(step)))
+            lo, hi = s.offsets[step], s.offsets[step + 1]
+            q, k, v = q_all[:, :, lo:hi], k_all[:, :, :hi], v_all[:, :, :hi]
             out = attn(layer, step, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)).cpu()
-            want, state = attention_step(plan, s, layer, step, q.double(), k.double(), v.double(), 1.0, state)
-            if plan.kind(layer, step) == "cs4a_decide":
+            kind, state = plan.kind(layer, step), None
+            if kind == "cs4a_sparse":
                 # Continue from the kernel's kept sets (near-ties may be ranked apart in float32).
-                kernel_state = attn._states[layer]
-                state = CS4AState(kernel_state.decision_scale, kernel_state.kept.long().cpu(),
-                                  kernel_state.residual.double().cpu())
-            assert ((out.double() - want).norm() / want.norm()) < 1e-4, (layer, step, plan.kind(layer, step))
+                st = attn.state(layer)
+                state = CS4AState(st.decision_scale, st.kept.long().cpu(), st.residual.double().cpu())
+            want = run_step(kind, q.double(), k.double(), v.double(), s, step, plan, 1.0, state,
+                            backend=Backend.REFERENCE)[0]
+            assert relative_error(out, want) < 1e-4, (layer, step, kind)
 
 
 def test_cli_plan_and_configs(capsys, isolated):
@@ -134,9 +144,12 @@ def test_cli_plan_and_configs(capsys, isolated):
     (["plan", "--model", "nope"], "unknown model 'nope'"),
     (["plan", "--model", "infinity-2b", "--resolution", "100x100"], "no infinity schedule makes a 100x100"),
     (["plan", "--model", "var-d16", "--resolution", "1024"], "VAR models run at 256x256 or 512x512"),
-    (["autotune", "--model", "tiny", "--trials", "0"], "--trials must be >= 1"),
+    (["autotune", "--model", "tiny", "--trials", "0"], "--trials must be an int >= 1, got 0"),
     (["autotune", "--model", "tiny", "--max-rel-error", "0.1"], "--calibration and --max-rel-error go together"),
     (["configs", "--model", "tiny", "--config", "/nonexistent.json", "--strict"], "no such config file"),
+    (["autotune", "--model", "tiny", "--timeout", "-5"], "--timeout must be a number of seconds > 0, got -5.0"),
+    (["autotune", "--model", "tiny", "--workers", "0"], "--workers must be an int >= 1"),
+    (["autotune", "--model", "tiny", "--output-dir", "/proc/nope"], "--output-dir /proc/nope cannot be written"),
 ])
 def test_cli_errors_are_one_line(capsys, argv, message):
     assert main(argv) == 2
@@ -151,3 +164,8 @@ def test_console_entry_point_help(tmp_path):
     for sub in ("autotune", "configs", "plan", "bench"):
         out = subprocess.run([*command, sub, "--help"], capture_output=True, text=True, cwd=tmp_path)
         assert out.returncode == 0 and "usage: sparvar" in out.stdout
+        assert "(default: None)" not in out.stdout, out.stdout
+        # A description of its own beyond the usage line and the options.
+        assert len(out.stdout.split("\n\n")[1].strip()) > 40, out.stdout
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("sparvar ")

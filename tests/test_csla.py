@@ -3,19 +3,15 @@ import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from sparvar.reference import (CSLAParams, Schedule, centre, csla_attention, csla_mask, csla_pairs,
+from sparvar.reference import (CS4AParams, CSLAParams, Schedule, default_plan, step_inputs, centre, csla_attention, csla_mask, csla_pairs,
                                dense_attention, infinity_schedule, key_windows, masked_attention)
 from strategies import batch_heads, csla_params, head_dims, schedules, seeds
 from assertions import assert_close
 
 
 def _qkv(schedule, step, bh, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    B, H = bh
-    q = torch.randn(B, H, schedule.num_queries(step), d, generator=g, dtype=torch.float64)
-    k = torch.randn(B, H, schedule.num_keys(step), d, generator=g, dtype=torch.float64)
-    v = torch.randn(B, H, schedule.num_keys(step), d, generator=g, dtype=torch.float64)
-    return q, k, v
+    """float64 inputs from the project's one input factory."""
+    return step_inputs(schedule, step, *bh, d, dtype=torch.float64, seed=seed)
 
 
 @st.composite
@@ -121,5 +117,18 @@ def test_bad_inputs_name_the_problem():
         csla_attention(q, k[:, :, :4], v[:, :, :4], s, 1)
     with pytest.raises(ValueError, match="must be \\[B, H, L, D\\]"):
         csla_attention(q[0], k, v, s, 1)
-    with pytest.raises(ValueError, match="win_rel\\[1\\] must be an odd"):
+    with pytest.raises(ValueError, match="'win_rel\\[1\\]' must be an odd"):
         CSLAParams(1, (3, 4))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: CSLAParams(5, (3.7,)), r"'win_rel\[0\]' must be an odd positive int, 0 or -1, got 3.7"),
+    (lambda: CSLAParams(2.0, (3,)), r"'sink_scales' must be an int, got 2.0"),
+    (lambda: CS4AParams(band_rel=(9.9,)), r"'band_rel\[0\]' must be an odd positive int, 0, got 9.9"),
+    (lambda: CS4AParams(group_size=192.0), r"'group_size' must be an int, got 192.0"),
+    (lambda: default_plan(infinity_schedule(), 32).kind(2.0, 11), r"'layer' must be an int, got 2.0"),
+    (lambda: default_plan(infinity_schedule(), 32).kind(2, True), r"'step' must be an int, got True"),
+])
+def test_integer_parameters_refuse_non_integers(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

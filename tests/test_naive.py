@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparvar.reference import cs4a_decide, cs4a_sparse, csla_attention
-from strategies import batch_heads, cs4a_params, csla_params, schedules, seeds
+from strategies import batch_heads, cs4a_params, csla_params, poison_some, schedules, seeds
 from assertions import assert_close
 from test_csla import _qkv
 import naive
@@ -41,3 +41,25 @@ def test_cs4a_matches_naive_loops(s, data, bh, seed):
         want = naive.cs4a_sparse(q, k, v, grids, d, step, params.group_size, params.band_rel,
                                  params.residual, kept, res, 0.8)
         assert_close(f"cs4a step {step}", got, want)
+
+
+@settings(max_examples=15)
+@given(small, st.data(), batch_heads, seeds)
+def test_nonfinite_inputs_match_naive_loops(s, data, bh, seed):
+    """NaN and infinities in q, k or v: the reference's rule, written a second time as loops."""
+    step = data.draw(st.integers(0, s.num_scales - 1))
+    params = data.draw(csla_params(s.num_scales))
+    q, k, v = _qkv(s, step, bh, 8, seed)
+    poison_some(data, [q, k, v])
+    want = naive.csla(q, k, v, list(s.grids), step, params.sink_scales, params.win_rel, 0.6)
+    assert_close("csla", csla_attention(q, k, v, s, step, params, 0.6), want)
+    cs4a = data.draw(cs4a_params(s.num_scales))
+    d = cs4a.decision_scale
+    q, k, v = _qkv(s, d, bh, 8, seed + 1)
+    poison_some(data, [q, k, v])
+    out, state = cs4a_decide(q, k, v, s, d, cs4a, 0.8)
+    want, kept, res = naive.cs4a_decide(q, k, v, list(s.grids), d, cs4a.group_size, cs4a.keep_ratio, 0.8)
+    assert_close("O_dense", out, want)
+    assert state.kept.tolist() == kept
+    if cs4a.residual:
+        assert_close("R", state.residual, res)

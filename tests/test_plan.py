@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparvar.reference import (KINDS, SparsityPlan, attention_step, csla_attention, cs4a_decide,
-                               cs4a_sparse, default_plan, dense_attention, generation_density,
-                               infinity_schedule, plan_densities, preset_schedules)
+from sparvar.dispatch import Backend, StepDispatcher, run_step
+from sparvar.reference import (SparsityPlan, StepKind, csla_attention, cs4a_decide, cs4a_sparse, default_plan,
+                               dense_attention, generation_density, infinity_schedule, plan_densities,
+                               preset_schedules)
 from strategies import bands, schedules, windows
 from assertions import assert_close
 from test_csla import _qkv
@@ -44,7 +45,7 @@ def test_infinity_default_is_the_papers_setting():
 def test_default_plan_is_valid_for_every_preset(name):
     s = preset_schedules()[name]
     plan = default_plan(s, 16)
-    assert {r.kind for r in plan_densities(plan, s)} <= set(KINDS)
+    assert {r.kind for r in plan_densities(plan, s)} <= set(StepKind)
     assert 0 < generation_density(plan, s) <= 1
 
 
@@ -78,23 +79,26 @@ def test_malformed_plan_json():
 
 
 @given(schedules(min_scales=3, max_tokens=800), st.integers(1, 4), st.data())
-def test_attention_step_dispatches_as_the_plan_says(s, depth, data):
+def test_dispatcher_runs_what_the_plan_says(s, depth, data):
     plan = default_plan(s, depth)
     layer = data.draw(st.integers(0, depth - 1))
+    attn = StepDispatcher(plan, s, backend=Backend.REFERENCE)
     state = None
     for step in range(s.num_scales):
         q, k, v = _qkv(s, step, (1, 2), 16, step)
-        out, state = attention_step(plan, s, layer, step, q, k, v, 0.5, state)
+        out = attn(layer, step, q, k, v, 0.5)
         kind = plan.kind(layer, step)
-        if kind == "dense":
+        if kind == StepKind.DENSE:
             want = dense_attention(q, k, v, 0.5)
-        elif kind == "csla":
+        elif kind == StepKind.CSLA:
             want = csla_attention(q, k, v, s, step, plan.csla, 0.5)
-        elif kind == "cs4a_decide":
-            want = cs4a_decide(q, k, v, s, step, plan.cs4a, 0.5)[0]
+        elif kind == StepKind.CS4A_DECIDE:
+            want, state = cs4a_decide(q, k, v, s, step, plan.cs4a, 0.5)
         else:
             want = cs4a_sparse(q, k, v, s, step, plan.cs4a, state, 0.5)
         assert_close(f"{kind} at step {step}", out, want)
+    attn.new_image()
+    assert attn.state(layer) is None
 
 
 def test_sparse_step_without_state_is_refused():
@@ -102,4 +106,11 @@ def test_sparse_step_without_state_is_refused():
     plan = default_plan(s, 2)
     q, k, v = _qkv(s, 6, (1, 1), 16, 0)
     with pytest.raises(ValueError, match="needs the state of its decision step"):
-        attention_step(plan, s, 0, 6, q, k, v)
+        run_step(plan.kind(0, 6), q, k, v, s, 6, plan, backend=Backend.REFERENCE)
+    with pytest.raises(ValueError, match="has not run since new_image"):
+        StepDispatcher(plan, s, backend=Backend.REFERENCE)(0, 6, q, k, v)
+
+
+def test_step_kinds_are_their_names():
+    assert [str(k) for k in StepKind] == ["dense", "cs4a_decide", "cs4a_sparse", "csla"]
+    assert StepKind("csla") is StepKind.CSLA and {StepKind.CSLA: 1}["csla"] == 1
