@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparvar.reference import (CS4AParams, CS4AState, Schedule, check_decision, check_state, check_step_inputs,
-                               num_groups, num_keep)
+from sparvar.reference import CS4AParams, CS4AState, Schedule, check_decision, check_state, check_step_inputs, num_keep
 
 from .config import DenseBackend, KernelConfig, Launch, default_config
-from .launch import (PlanCache, attention_fwd, check_device, check_kernel_inputs, column_scores_fwd,
+from .launch import (AttentionLaunch, PlanCache, check_device, check_kernel_inputs, column_scores_fwd,
                      dense_backend_for, dense_lse_fwd, select_topk_fwd, signature)
 from .sparse_attn import Epilogue
 from .tiles import dense_tiles, group_tiles, residual_tables
@@ -43,18 +42,24 @@ def kept_table(kept: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return kept.reshape(B * H, *kept.shape[2:]).to(torch.int32).contiguous()
 
 
+def _launch_args(q: torch.Tensor) -> dict:
+    return dict(batch_heads=q.shape[:2], head_dim=q.shape[3], dtype=q.dtype)
+
+
 @dataclass(frozen=True)
 class _DensePlan:
-    config: KernelConfig
     backend: DenseBackend
     why: str
-    q_idx: torch.Tensor | None
+    triton: AttentionLaunch | None
 
 
 def _dense_plan(q, config: KernelConfig) -> _DensePlan:
     backend, why = dense_backend_for(config, q)
-    q_idx = dense_tiles(q.shape[2], config.block_m).to(q.device) if backend is DenseBackend.TRITON else None
-    return _DensePlan(config, backend, why, q_idx)
+    launch = None
+    if backend is DenseBackend.TRITON:
+        launch = AttentionLaunch(**_launch_args(q), config=config, name="cs4a_dense", kv_dense=True, store_lse=True,
+                                 q_idx=dense_tiles(q.shape[2], config.block_m).to(q.device))
+    return _DensePlan(backend, why, launch)
 
 
 def dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *,
@@ -64,7 +69,7 @@ def dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     PyTorch's handling of non-finite values (``cs4a_decide`` applies the project's rule)."""
     cfg = config or default_config(Launch.CS4A_DENSE)
     plan = _PLANS.get(("dense", cfg, signature(q, k, v)), lambda: (check_kernel_inputs(q, k, v), _dense_plan(q, cfg))[1])
-    out, lse = dense_lse_fwd(q, k, v, scale, plan.config, plan.q_idx, plan.backend)
+    out, lse = dense_lse_fwd(q, k, v, scale, plan.backend, plan.triton)
     return out, lse, plan.backend
 
 
@@ -79,10 +84,13 @@ def column_scores(q: torch.Tensor, k: torch.Tensor, scale: float, group_size: in
     """Column scores ``[B, H, n_groups, L]`` (fp32), each query's probabilities normalised by
     its full softmax: a log-sum-exp pass (no values), then per (key block, group) a sum of
     ``exp(s - lse)`` over the group's queries (twin of the reference's ``column_scores``)."""
-    check_kernel_inputs(q, k)
     cfg = launch_config(configs, Launch.CS4A_DENSE)
-    _, lse = attention_fwd(q, k, None, q_idx=dense_tiles(q.shape[2], cfg.block_m).to(q.device), config=cfg,
-                           scale=scale, name="lse", kv_dense=True, store_lse=True)
+
+    def build():
+        check_kernel_inputs(q, k)
+        return AttentionLaunch(**_launch_args(q), config=cfg, name="lse", kv_dense=True, store_lse=True,
+                               values=False, q_idx=dense_tiles(q.shape[2], cfg.block_m).to(q.device))
+    _, lse = _PLANS.get(("lse", cfg, signature(q, k)), build)(q, k, None, scale)
     return scores_from_lse(q, k, lse, scale, group_size, config=launch_config(configs, Launch.CS4A_SCORES))
 
 
@@ -97,16 +105,20 @@ def select_keys(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     return select_topk_fwd(scores.float(), n_keep)
 
 
-def _group_tables(q, schedule, step, params, config: KernelConfig) -> dict:
-    tiles = group_tiles(schedule, step, params, config.block_m).to(q.device)
-    return dict(q_idx=tiles.q_idx, tile_src=tiles.tile_src, tile_band=tiles.tile_band, row_band=tiles.row_band)
-
-
-def _checked_group_tables(q, k, v, schedule, step, params, config, after: bool) -> dict:
+def _group_launch(q, k, v, schedule, step, params, config, name: str, epilogue: Epilogue = Epilogue.NONE
+                  ) -> AttentionLaunch:
+    """Validate the inputs and build a CS4A attention launch over ``group_tiles``."""
     check_step_inputs(q, k, v, schedule, step)
     check_kernel_inputs(q, k, v)
-    check_decision(step, params, after=after)
-    return _group_tables(q, schedule, step, params, config)
+    check_decision(step, params, after=step > params.decision_scale)
+    tiles = group_tiles(schedule, step, params, config.block_m).to(q.device)
+    res_idx = res_w = None
+    if epilogue == Epilogue.ADD_RESIDUAL:
+        res_idx, res_w = (t.to(q.device) for t in residual_tables(schedule.grids[params.decision_scale],
+                                                                  schedule.grids[step]))
+    return AttentionLaunch(**_launch_args(q), config=config, name=name, q_idx=tiles.q_idx, tile_src=tiles.tile_src,
+                           tile_band=tiles.tile_band, row_band=tiles.row_band, epilogue=epilogue, res_idx=res_idx,
+                           res_w=res_w)
 
 
 def selected_residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, step: int,
@@ -115,10 +127,12 @@ def selected_residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedul
     """``R = O_dense - O_sel`` at the decision scale, ``[B, H, h_d*w_d, D]``; rows of ``dense``
     holding a non-finite value are made all-NaN in place first (the reference's rule)."""
     cfg = config or default_config(Launch.CS4A_SELECT)
-    tables = _PLANS.get(("select", schedule, step, params, cfg, signature(q, k, v)),
-                        lambda: _checked_group_tables(q, k, v, schedule, step, params, cfg, after=False))
-    return attention_fwd(q, k, v, config=cfg, scale=scale, name="cs4a_select", kept=kept_table(kept, q),
-                         epilogue=Epilogue.RESIDUAL_FROM_DENSE, res=dense, **tables)[0]
+    if step != params.decision_scale:
+        raise ValueError(f"the residual is taken at the decision scale {params.decision_scale}, got step {step}")
+    launch = _PLANS.get(("residual", schedule, step, params, cfg, signature(q, k, v)),
+                        lambda: _group_launch(q, k, v, schedule, step, params, cfg, "cs4a_select",
+                                              Epilogue.RESIDUAL_FROM_DENSE))
+    return launch(q, k, v, scale, kept=kept_table(kept, q), res=dense)[0]
 
 
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, step: int,
@@ -128,28 +142,26 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedu
 
     ``kept``: ``[B, H, n_groups(d), n_keep]`` integer key indices (the decision state's).
     """
-    launch = Launch.CS4A_SELECT if step == params.decision_scale else Launch.CS4A_SPARSE
-    cfg = launch_config(configs, launch)
-    tables = _PLANS.get(("selected", schedule, step, params, cfg, signature(q, k, v)),
-                        lambda: _checked_group_tables(q, k, v, schedule, step, params, cfg,
-                                                      after=step > params.decision_scale))
-    return attention_fwd(q, k, v, config=cfg, scale=scale, name=str(launch), kept=kept_table(kept, q), **tables)[0]
+    which = Launch.CS4A_SELECT if step == params.decision_scale else Launch.CS4A_SPARSE
+    cfg = launch_config(configs, which)
+    launch = _PLANS.get(("selected", schedule, step, params, cfg, signature(q, k, v)),
+                        lambda: _group_launch(q, k, v, schedule, step, params, cfg, str(which)))
+    return launch(q, k, v, scale, kept=kept_table(kept, q))[0]
 
 
 @dataclass(frozen=True)
 class _DecidePlan:
     dense: _DensePlan
     scores: KernelConfig
-    select: KernelConfig
-    select_tables: dict
+    select: AttentionLaunch
     n_keep: int
     grid: tuple[int, int]
 
 
 def _decide_plan(q, k, v, schedule, step, params, configs) -> _DecidePlan:
-    tables = _checked_group_tables(q, k, v, schedule, step, params, configs[2], after=False)
-    return _DecidePlan(_dense_plan(q, configs[0]), configs[1], configs[2], tables,
-                       num_keep(k.shape[2], params.keep_ratio), schedule.grids[step])
+    select = _group_launch(q, k, v, schedule, step, params, configs[2], "cs4a_select", Epilogue.RESIDUAL_FROM_DENSE)
+    return _DecidePlan(_dense_plan(q, configs[0]), configs[1], select, num_keep(k.shape[2], params.keep_ratio),
+                       schedule.grids[step])
 
 
 def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, step: int,
@@ -174,34 +186,16 @@ def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     cfgs = tuple(launch_config(configs, x) for x in (Launch.CS4A_DENSE, Launch.CS4A_SCORES, Launch.CS4A_SELECT))
     plan = _PLANS.get(("decide", schedule, step, params, cfgs, signature(q, k, v)),
                       lambda: _decide_plan(q, k, v, schedule, step, params, cfgs))
-    out, lse = dense_lse_fwd(q, k, v, scale, plan.dense.config, plan.dense.q_idx, plan.dense.backend)
+    out, lse = dense_lse_fwd(q, k, v, scale, plan.dense.backend, plan.dense.triton)
     scores = column_scores_fwd(q, k, lse, scale, params.group_size, plan.scores)
     kept = select_topk_fwd(scores, plan.n_keep)
     residual = None
     if params.residual:
-        res = attention_fwd(q, k, v, config=plan.select, scale=scale, name="cs4a_select",
-                            kept=kept.view(-1, *kept.shape[2:]), epilogue=Epilogue.RESIDUAL_FROM_DENSE, res=out,
-                            **plan.select_tables)[0]
+        res = plan.select(q, k, v, scale, kept=kept.view(-1, *kept.shape[2:]), res=out)[0]
         residual = res.view(*res.shape[:2], *plan.grid, res.shape[3])
     elif plan.dense.backend is not DenseBackend.TRITON:
         out = out.masked_fill(~torch.isfinite(out).all(dim=-1, keepdim=True), float("nan"))
     return out, CS4AState(step, kept, residual)
-
-
-@dataclass(frozen=True)
-class _SparsePlan:
-    config: KernelConfig
-    tables: dict
-    res_tables: tuple | None
-
-
-def _sparse_plan(q, k, v, schedule, step, params, cfg) -> _SparsePlan:
-    tables = _checked_group_tables(q, k, v, schedule, step, params, cfg, after=True)
-    res_tables = None
-    if params.residual:
-        idx, w = residual_tables(schedule.grids[params.decision_scale], schedule.grids[step])
-        res_tables = (idx.to(q.device), w.to(q.device))
-    return _SparsePlan(cfg, tables, res_tables)
 
 
 def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, step: int,
@@ -212,8 +206,9 @@ def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     the same decision group, each row limited to its own group's bands. Shapes as the reference;
     ``configs`` key ``cs4a_sparse``."""
     cfg = launch_config(configs, Launch.CS4A_SPARSE)
-    plan = _PLANS.get(("sparse", schedule, step, params, cfg, signature(q, k, v)),
-                      lambda: _sparse_plan(q, k, v, schedule, step, params, cfg))
+    epilogue = Epilogue.ADD_RESIDUAL if params.residual else Epilogue.NONE
+    launch = _PLANS.get(("sparse", schedule, step, params, cfg, signature(q, k, v)),
+                        lambda: _group_launch(q, k, v, schedule, step, params, cfg, "cs4a_sparse", epilogue))
     # What the state holds can change between calls: its check is cheap (shapes and devices).
     check_state(state, q, schedule, params)
     res = None
@@ -221,7 +216,4 @@ def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
         if state.residual.device != q.device:
             raise ValueError(f"state.residual is on {state.residual.device}, the inputs on {q.device}")
         res = state.residual.reshape(*state.residual.shape[:2], -1, state.residual.shape[-1])
-    idx, w = plan.res_tables if plan.res_tables is not None else (None, None)
-    return attention_fwd(q, k, v, config=plan.config, scale=scale, name="cs4a_sparse",
-                         kept=kept_table(state.kept, q), epilogue=Epilogue.ADD_RESIDUAL if params.residual else
-                         Epilogue.NONE, res=res, res_idx=idx, res_w=w, **plan.tables)[0]
+    return launch(q, k, v, scale, kept=kept_table(state.kept, q), res=res)[0]

@@ -7,7 +7,7 @@ import torch
 from sparvar.reference import CSLAParams, Schedule, check_step_inputs
 
 from .config import KernelConfig, Launch, default_config
-from .launch import LaunchPlan, PlanCache, check_kernel_inputs, signature
+from .launch import AttentionLaunch, PlanCache, check_kernel_inputs, signature
 from .tiles import csla_tiles
 
 __all__ = ["csla_attention"]
@@ -41,16 +41,16 @@ def csla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: 
         out = csla_attention(q, k, v, s, 12)
     """
     key = (schedule, step, params, config, signature(q, k, v))
-    plan = _PLANS.get(key, lambda: _plan(q, k, v, schedule, step, params, config))
-    return plan.attention(q, k, v, scale)[0]
+    launch = _PLANS.get(key, lambda: _plan(q, k, v, schedule, step, params, config))
+    return launch(q, k, v, scale)[0]
 
 
-def _plan(q, k, v, schedule, step, params, config) -> LaunchPlan:
+def _plan(q, k, v, schedule, step, params, config) -> AttentionLaunch:
     check_step_inputs(q, k, v, schedule, step)
     check_kernel_inputs(q, k, v)
     if not isinstance(params, CSLAParams):
         raise ValueError(f"params must be CSLAParams, got {type(params).__name__}")
     cfg = (config or default_config(Launch.CSLA)).for_grid(*schedule.grids[step])
     tiles = csla_tiles(schedule, step, params, cfg.tile_h, cfg.tile_w, cfg.block_n).to(q.device)
-    return LaunchPlan(cfg, dict(name="csla", q_idx=tiles.q_idx, kv_idx=tiles.kv_idx, kv_len=tiles.kv_len,
-                                kv_bits=tiles.kv_bits))
+    return AttentionLaunch(batch_heads=q.shape[:2], head_dim=q.shape[3], dtype=q.dtype, config=cfg, name="csla",
+                           q_idx=tiles.q_idx, kv_idx=tiles.kv_idx, kv_len=tiles.kv_len, kv_bits=tiles.kv_bits)

@@ -1,25 +1,23 @@
 """Launchers: allocate outputs, build grids, turn launch failures into clear errors.
 
 Every launch passes keyword arguments; an absent tensor is ``None`` and the kernel derives the
-flag that uses it. Entry points (``csla.py``, ``cs4a.py``) keep a ``LaunchPlan`` per
-(tables, config, shapes, dtypes, devices): the device tables and the grid are built and the
-inputs validated once, so a call with the same signature only looks the plan up.
+flag that uses it. Entry points (``csla.py``, ``cs4a.py``) keep their launches in a ``PlanCache``
+keyed by (schedule, step, parameters, config, shapes, dtypes, devices): device tables, grids and
+constants are built and the inputs validated once, so a call with a known signature looks its
+plan up and launches (the host cost per call is measured by the attention benchmark).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 import triton
 
 from .config import DenseBackend, KernelConfig
 from .sparse_attn import LOG2E, Epilogue, _column_scores_kernel, _select_topk_kernel, _sparse_attn_fwd_kernel
 
-__all__ = ["KernelLaunchError", "check_kernel_inputs", "check_device", "interpreting", "attention_fwd",
-           "column_scores_fwd", "select_topk_fwd", "dense_lse_fwd", "dense_backend_for", "signature",
-           "LaunchPlan", "PlanCache"]
+__all__ = ["KernelLaunchError", "check_kernel_inputs", "check_device", "interpreting", "AttentionLaunch",
+           "column_scores_fwd", "select_topk_fwd", "dense_lse_fwd", "dense_backend_for", "signature", "PlanCache"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,17 +68,6 @@ def signature(*tensors: torch.Tensor | None) -> tuple:
     return tuple((t.shape, t.dtype, t.device) if t is not None else None for t in tensors)
 
 
-@dataclass(frozen=True)
-class LaunchPlan:
-    """Device tables and constants of one launch, valid for one ``signature`` of its inputs."""
-
-    config: KernelConfig
-    tables: dict
-
-    def attention(self, q, k, v, scale: float, **extra):
-        return attention_fwd(q, k, v, config=self.config, scale=scale, **self.tables, **extra)
-
-
 class PlanCache:
     """Plans by key, built once by ``build()`` (which validates); bounded so that a long run over
     many shapes does not keep every table alive."""
@@ -116,38 +103,52 @@ def _strides(t: torch.Tensor | None, n: int = 4) -> tuple:
     return t.stride() if t is not None else (0,) * n
 
 
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, *, q_idx: torch.Tensor,
-                  config: KernelConfig, scale: float, name: str, kv_dense: bool = False,
-                  kv_idx: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
-                  kv_bits: torch.Tensor | None = None, kept: torch.Tensor | None = None,
-                  tile_src: torch.Tensor | None = None, tile_band: torch.Tensor | None = None,
-                  row_band: torch.Tensor | None = None, epilogue: Epilogue = Epilogue.NONE,
-                  res: torch.Tensor | None = None, res_idx: torch.Tensor | None = None,
-                  res_w: torch.Tensor | None = None, store_lse: bool = False):
-    """Run ``_sparse_attn_fwd_kernel`` over the tiles of ``q_idx [T, BM]``; returns
-    ``(out or None, lse or None)``. ``v=None`` computes the log-sum-exp alone.
+_STRIDES = {name: tuple(f"stride_{name[0]}{d}" for d in "bhld") for name in ("q", "k", "v", "o", "res")}
 
-    ``kept``: ``[B*H, n_src_groups, n_keep]`` int32 with ``tile_src [T]``. ``res``: the residual
-    ``[B, H, n, D]`` to up-sample (``Epilogue.ADD_RESIDUAL``, with ``res_idx``/``res_w``) or the
-    dense output (``Epilogue.RESIDUAL_FROM_DENSE``). All tables must be on ``q``'s device.
+
+class AttentionLaunch:
+    """One configured launch of ``_sparse_attn_fwd_kernel``: tile tables, grid and constants are
+    fixed when it is built; a call passes only what changes (inputs, kept sets, residual, scale).
+
+    Tables (all on the inputs' device): ``q_idx [T, BM]``; ``kv_dense`` walks all keys;
+    ``kv_idx``/``kv_len``/``kv_bits`` are CSLA key lists and masks; ``tile_src`` with the kept
+    sets passed per call; ``tile_band``/``row_band`` CS4A band ranges; ``res_idx``/``res_w`` the
+    residual's bilinear taps (``Epilogue.ADD_RESIDUAL``). ``values=False`` computes the
+    log-sum-exp alone.
     """
-    B, H, NQ, D = q.shape
-    out = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype) if v is not None else None
-    lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32) if store_lse else None
-    _launch(_sparse_attn_fwd_kernel, (q_idx.shape[0], B * H), name, config,
-            q=q, k=k, v=v, o=out, lse=lse, res=res, q_idx=q_idx, kv_idx=kv_idx, kv_len=kv_len, kv_bits=kv_bits,
-            kept=kept, tile_src=tile_src, tile_band=tile_band, row_band=row_band, res_idx=res_idx, res_w=res_w,
-            **dict(zip(("stride_qb", "stride_qh", "stride_ql", "stride_qd"), q.stride())),
-            **dict(zip(("stride_kb", "stride_kh", "stride_kl", "stride_kd"), k.stride())),
-            **dict(zip(("stride_vb", "stride_vh", "stride_vl", "stride_vd"), _strides(v))),
-            **dict(zip(("stride_ob", "stride_oh", "stride_ol", "stride_od"), _strides(out))),
-            **dict(zip(("stride_rb", "stride_rh", "stride_rl", "stride_rd"), _strides(res))),
-            H=H, L=k.shape[2], NQ=NQ, NK=kv_idx.shape[1] if kv_idx is not None else 0,
-            n_keep=kept.shape[2] if kept is not None else 0, n_src=kept.shape[1] if kept is not None else 1,
-            NB=row_band.shape[1] if row_band is not None else 0, qk_scale=scale * LOG2E,
-            BM=config.block_m, BN=config.block_n, D=D, NWORDS=kv_bits.shape[2] if kv_bits is not None else 1,
-            KV_DENSE=kv_dense, EPILOGUE=int(epilogue), IEEE=q.dtype == torch.float32)
-    return out, lse
+
+    def __init__(self, *, batch_heads: tuple[int, int], head_dim: int, dtype: torch.dtype, config: KernelConfig,
+                 name: str, q_idx: torch.Tensor, kv_dense: bool = False, kv_idx: torch.Tensor | None = None,
+                 kv_len: torch.Tensor | None = None, kv_bits: torch.Tensor | None = None,
+                 tile_src: torch.Tensor | None = None, tile_band: torch.Tensor | None = None,
+                 row_band: torch.Tensor | None = None, epilogue: Epilogue = Epilogue.NONE,
+                 res_idx: torch.Tensor | None = None, res_w: torch.Tensor | None = None,
+                 store_lse: bool = False, values: bool = True):
+        B, H = batch_heads
+        self.name, self.config, self.values, self.store_lse = name, config, values, store_lse
+        self.grid = (q_idx.shape[0], B * H)
+        self.static = dict(
+            q_idx=q_idx, kv_idx=kv_idx, kv_len=kv_len, kv_bits=kv_bits, tile_src=tile_src, tile_band=tile_band,
+            row_band=row_band, res_idx=res_idx, res_w=res_w, H=H,
+            NK=kv_idx.shape[1] if kv_idx is not None else 0, NB=row_band.shape[1] if row_band is not None else 0,
+            BM=config.block_m, BN=config.block_n, D=head_dim, NWORDS=kv_bits.shape[2] if kv_bits is not None else 1,
+            KV_DENSE=kv_dense, EPILOGUE=int(epilogue), IEEE=dtype == torch.float32)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float, *,
+                 kept: torch.Tensor | None = None, res: torch.Tensor | None = None):
+        """``(out or None, lse or None)``; ``kept`` ``[B*H, n_src_groups, n_keep]`` int32,
+        ``res`` ``[B, H, n, D]`` (the residual to up-sample, or the dense output)."""
+        B, H, NQ, D = q.shape
+        out = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype) if self.values else None
+        lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32) if self.store_lse else None
+        strides = {}
+        for name, t in (("q", q), ("k", k), ("v", v), ("o", out), ("res", res)):
+            strides.update(zip(_STRIDES[name], t.stride() if t is not None else (0, 0, 0, 0)))
+        _launch(_sparse_attn_fwd_kernel, self.grid, self.name, self.config, q=q, k=k, v=v if self.values else None,
+                o=out, lse=lse, res=res, kept=kept, L=k.shape[2], NQ=NQ,
+                n_keep=kept.shape[2] if kept is not None else 0, n_src=kept.shape[1] if kept is not None else 1,
+                qk_scale=scale * LOG2E, **strides, **self.static)
+        return out, lse
 
 
 def column_scores_fwd(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, group_size: int,
@@ -205,18 +206,18 @@ def dense_backend_for(config: KernelConfig, q: torch.Tensor) -> tuple[DenseBacke
     return (want, "available") if ok else (DenseBackend.TRITON, "flash attention is not available here")
 
 
-def dense_lse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: KernelConfig,
-                  q_idx: torch.Tensor, backend: DenseBackend):
+def dense_lse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: DenseBackend,
+                  triton_launch: AttentionLaunch | None):
     """Dense attention and its log-sum-exp ``[B, H, Lq]`` (fp32, natural log) from ``backend``
-    (``dense_backend_for`` decides it; a library failure is an error, never a silent switch).
+    (``dense_backend_for`` decides it; a library failure is an error, never a silent switch);
+    ``triton_launch`` is the dense ``AttentionLaunch`` the Triton backend runs.
 
     Library outputs follow PyTorch's handling of non-finite values; the caller makes rows with
     a non-finite value all-NaN (the decision step's selection epilogue does it in place), and a
     +inf log-sum-exp (a +inf score) becomes NaN here, as the reference's rule says.
     """
     if backend is DenseBackend.TRITON:
-        return attention_fwd(q, k, v, q_idx=q_idx, config=config, scale=scale, name="cs4a_dense", kv_dense=True,
-                             store_lse=True)
+        return triton_launch(q, k, v, scale)
     try:
         if backend is DenseBackend.CUDNN:
             out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
