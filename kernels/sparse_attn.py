@@ -283,10 +283,10 @@ def _select_topk_kernel(scores, kept, L, n_keep, BL: tl.constexpr):
     # Unsigned view for the byte digits (flip the sign bit); padding never becomes a candidate.
     ukey = skey ^ -2147483648
     o_bin = tl.arange(0, 256)
-    need = n_keep
-    prefix = 0
+    need = n_keep + tl.zeros([], dtype=tl.int32)
+    prefix = tl.zeros([], dtype=tl.int32)
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         if p == 0:
             cand = m
         else:
