@@ -15,8 +15,16 @@ if [ -d .old/sparvar ]; then
 fi
 source bench/stage.sh
 export PYTHONUNBUFFERED=1
-SPARVAR_HYPOTHESIS_PROFILE=gpu timeout 420 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
-  2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+SPARVAR_HYPOTHESIS_PROFILE=gpu timeout ${TEST_S:-240} python3 -P -m pytest -q -p no:cacheprovider \
+  tests/test_kernels.py --durations=6 > "$out/gpu_tests.txt" 2>&1
+tail -22 "$out/gpu_tests.txt"
+if [ -n "${MEMCHECK_S:-}" ]; then
+  # The kernel tests on small shapes (NaN/Inf inputs, top-k, plan cache, fast launch) under memcheck.
+  SPARVAR_HYPOTHESIS_PROFILE=gpu timeout "$MEMCHECK_S" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "$MEMCHECK_K" > "$out/memcheck.txt" 2>&1
+  echo "memcheck exit code $?" >> "$out/memcheck.txt"
+  grep -E "ERROR SUMMARY|passed|failed|exit code|Error" "$out/memcheck.txt" | tail -8
+fi
 python3 -P bench/before_after.py --label after --out "$out" 2>&1 | tail -12
 if [ -d /tmp/old-site ]; then
   PYTHONPATH=/tmp/old-site python3 -P bench/before_after.py --label before --out "$out" 2>&1 | tail -12

@@ -15,9 +15,9 @@ from .config import LAUNCHES, DenseBackend, KernelConfig, Launch, LaunchKey, def
 from .cs4a import (LaunchConfigs, column_scores, cs4a_decide, cs4a_sparse, dense_with_lse, kept_table,  # noqa: E402
                    launch_config, scores_from_lse, select_keys, selected_attention, selected_residual)
 from .csla import csla_attention  # noqa: E402
-from .launch import KernelLaunchError, dense_backend_for, interpreting  # noqa: E402
+from .launch import KernelLaunchError, clear_plans, dense_backend_for, interpreting, plan_count  # noqa: E402
 
 __all__ = ["LAUNCHES", "DenseBackend", "KernelConfig", "Launch", "LaunchKey", "default_config", "LaunchConfigs",
            "launch_config", "column_scores", "cs4a_decide", "cs4a_sparse", "dense_with_lse", "kept_table",
            "scores_from_lse", "select_keys", "selected_attention", "selected_residual", "csla_attention",
-           "KernelLaunchError", "dense_backend_for", "interpreting"]
+           "KernelLaunchError", "dense_backend_for", "interpreting", "plan_count", "clear_plans"]

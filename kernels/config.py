@@ -151,7 +151,7 @@ _DEFAULTS = {
     Launch.CS4A_DENSE: KernelConfig(128, 64, 8, 3, backend="cudnn"),
     Launch.CS4A_SCORES: KernelConfig(64, 128, 8, 3),
     Launch.CS4A_SELECT: KernelConfig(64, 32, 4, 3),
-    Launch.CS4A_SPARSE: KernelConfig(128, 64, 8, 3),
+    Launch.CS4A_SPARSE: KernelConfig(64, 64, 4, 3),
 }
 
 

@@ -17,7 +17,8 @@ from .config import DenseBackend, KernelConfig
 from .sparse_attn import LOG2E, Epilogue, _column_scores_kernel, _select_topk_kernel, _sparse_attn_fwd_kernel
 
 __all__ = ["KernelLaunchError", "check_kernel_inputs", "check_device", "interpreting", "AttentionLaunch",
-           "column_scores_fwd", "select_topk_fwd", "dense_lse_fwd", "dense_backend_for", "signature", "PlanCache"]
+           "column_scores_fwd", "select_topk_fwd", "dense_lse_fwd", "dense_backend_for", "signature", "PlanCache",
+           "plan_count", "clear_plans"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,6 +69,20 @@ def signature(*tensors: torch.Tensor | None) -> tuple:
     return tuple((t.shape, t.dtype, t.device) if t is not None else None for t in tensors)
 
 
+_CACHES: list = []
+
+
+def plan_count() -> int:
+    """Launch plans held by every entry point's cache."""
+    return sum(len(c) for c in _CACHES)
+
+
+def clear_plans() -> None:
+    """Drop every cached launch plan (the next call of each signature validates and builds again)."""
+    for c in _CACHES:
+        c.clear()
+
+
 class PlanCache:
     """Plans by key, built once by ``build()`` (which validates); bounded so that a long run over
     many shapes does not keep every table alive."""
@@ -75,6 +90,7 @@ class PlanCache:
     def __init__(self, maxsize: int = 256):
         self._plans: dict = {}
         self.maxsize = maxsize
+        _CACHES.append(self)
 
     def get(self, key, build):
         plan = self._plans.get(key)
@@ -92,11 +108,39 @@ class PlanCache:
         return len(self._plans)
 
 
-def _launch(kernel, grid, name: str, config: KernelConfig, **kwargs) -> None:
+def _launch(kernel, grid, name: str, config: KernelConfig, **kwargs):
+    """Launch through Triton's own path; returns the compiled kernel (``None`` in the interpreter)."""
     try:
-        kernel[grid](num_warps=config.num_warps, num_stages=config.num_stages, **kwargs)
+        return kernel[grid](num_warps=config.num_warps, num_stages=config.num_stages, **kwargs)
     except (triton.CompilationError, triton.runtime.errors.OutOfResources) as e:
         raise KernelLaunchError(f"{name} kernel failed with {config}: {type(e).__name__}: {e}") from e
+
+
+class _Launcher:
+    """One kernel with a fixed grid and config. The first launch of each argument
+    specialisation goes through Triton (compile, bind, launch); later ones call the compiled
+    kernel with the arguments in order, which skips Triton's per-call argument binding (most of
+    the host time of a launch with fifty arguments). ``spec`` must capture everything Triton
+    specialises on that can change between calls: strides, sizes, pointer alignment."""
+
+    def __init__(self, kernel, grid, name: str, config: KernelConfig):
+        self.kernel, self.grid, self.name, self.config = kernel, grid, name, config
+        self.heuristics = getattr(kernel, "values", {})
+        self.names = getattr(kernel, "fn", kernel).arg_names
+        # Flags derived from which tensors are absent: fixed for one launch's callers.
+        self._derived: dict = {}
+        self._runners: dict = {}
+
+    def __call__(self, spec, kwargs: dict) -> None:
+        runner = self._runners.get(spec)
+        if runner is not None:
+            kwargs.update(self._derived)
+            runner(*[kwargs[n] for n in self.names])
+            return
+        compiled = _launch(self.kernel, self.grid, self.name, self.config, **kwargs)
+        if compiled is not None and not interpreting():
+            self._derived = {n: f(kwargs) for n, f in self.heuristics.items()}
+            self._runners[spec] = compiled[self.grid]
 
 
 def _strides(t: torch.Tensor | None, n: int = 4) -> tuple:
@@ -114,7 +158,8 @@ class AttentionLaunch:
     ``kv_idx``/``kv_len``/``kv_bits`` are CSLA key lists and masks; ``tile_src`` with the kept
     sets passed per call; ``tile_band``/``row_band`` CS4A band ranges; ``res_idx``/``res_w`` the
     residual's bilinear taps (``Epilogue.ADD_RESIDUAL``). ``values=False`` computes the
-    log-sum-exp alone.
+    log-sum-exp alone. With values, a second launch of the ``SAFE`` variant recomputes the tiles
+    the first flagged as holding non-finite results (``sparse_attn.py``).
     """
 
     def __init__(self, *, batch_heads: tuple[int, int], head_dim: int, dtype: torch.dtype, config: KernelConfig,
@@ -125,8 +170,11 @@ class AttentionLaunch:
                  res_idx: torch.Tensor | None = None, res_w: torch.Tensor | None = None,
                  store_lse: bool = False, values: bool = True):
         B, H = batch_heads
-        self.name, self.config, self.values, self.store_lse = name, config, values, store_lse
-        self.grid = (q_idx.shape[0], B * H)
+        self.values, self.store_lse = values, store_lse
+        grid = (q_idx.shape[0], B * H)
+        self.num_flags = grid[0] * grid[1]
+        self._main = _Launcher(_sparse_attn_fwd_kernel, grid, name, config)
+        self._fix = _Launcher(_sparse_attn_fwd_kernel, grid, f"{name} (non-finite tiles)", config)
         self.static = dict(
             q_idx=q_idx, kv_idx=kv_idx, kv_len=kv_len, kv_bits=kv_bits, tile_src=tile_src, tile_band=tile_band,
             row_band=row_band, res_idx=res_idx, res_w=res_w, H=H,
@@ -139,15 +187,24 @@ class AttentionLaunch:
         """``(out or None, lse or None)``; ``kept`` ``[B*H, n_src_groups, n_keep]`` int32,
         ``res`` ``[B, H, n, D]`` (the residual to up-sample, or the dense output)."""
         B, H, NQ, D = q.shape
-        out = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype) if self.values else None
+        values = self.values
+        out = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype) if values else None
         lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32) if self.store_lse else None
-        strides = {}
+        flags = torch.empty(self.num_flags, device=q.device, dtype=torch.int32) if values else None
+        kw = dict(self.static, q=q, k=k, v=v if values else None, o=out, lse=lse, res=res, flags=flags, kept=kept,
+                  L=k.shape[2], NQ=NQ, n_keep=kept.shape[2] if kept is not None else 0,
+                  n_src=kept.shape[1] if kept is not None else 1, qk_scale=scale * LOG2E, SAFE=False)
+        strides = []
         for name, t in (("q", q), ("k", k), ("v", v), ("o", out), ("res", res)):
-            strides.update(zip(_STRIDES[name], t.stride() if t is not None else (0, 0, 0, 0)))
-        _launch(_sparse_attn_fwd_kernel, self.grid, self.name, self.config, q=q, k=k, v=v if self.values else None,
-                o=out, lse=lse, res=res, kept=kept, L=k.shape[2], NQ=NQ,
-                n_keep=kept.shape[2] if kept is not None else 0, n_src=kept.shape[1] if kept is not None else 1,
-                qk_scale=scale * LOG2E, **strides, **self.static)
+            st = t.stride() if t is not None else (0, 0, 0, 0)
+            kw.update(zip(_STRIDES[name], st))
+            strides.append(st)
+        spec = (tuple(strides), k.shape[2], NQ, kw["n_keep"], kw["n_src"],
+                tuple(t.data_ptr() % 16 for t in (q, k, v, res, kept) if t is not None))
+        self._main(spec, kw)
+        if values:
+            kw["SAFE"] = True
+            self._fix(spec, kw)
         return out, lse
 
 

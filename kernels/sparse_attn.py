@@ -12,9 +12,10 @@ An absent tensor is passed as ``None`` and the flag that uses it follows from th
 
 Non-finite inputs follow ``sparvar.reference.attention``: NaN or +inf scores poison their row
 through the softmax itself. A value row with a NaN or an infinity would also leak into rows that
-may not see it (0 * NaN is NaN inside the product), so a tile whose result holds anything
-non-finite is computed again with values checked key by key: the check costs nothing on finite
-inputs.
+may not see it (0 * NaN is NaN inside the product), so each launch flags tiles whose result
+holds anything non-finite, and a second launch of a separately compiled ``SAFE`` variant
+computes those tiles again with values checked key by key; other tiles return at once. On finite
+inputs that costs one flag store per tile and a launch of programs that exit.
 
 Scores are kept in the log2 domain (``qk * scale * log2(e)``) so the softmax uses ``exp2``.
 """
@@ -120,9 +121,12 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
             if TOKEN_MASK:
                 # Slot s reads bit s % 64 of word s // 64 of each key's mask.
                 p_bits = kv_bits + (i_t.to(tl.int64) * NK + start + o_bn) * NWORDS
-                b_word = tl.zeros([BM, BN], dtype=tl.int64)
-                for w in tl.static_range(NWORDS):
-                    b_word = tl.where((o_m // 64)[:, None] == w, tl.load(p_bits + w)[None, :], b_word)
+                if NWORDS == 1:
+                    b_word = tl.load(p_bits)[None, :]
+                else:
+                    b_word = tl.zeros([BM, BN], dtype=tl.int64)
+                    for w in tl.static_range(NWORDS):
+                        b_word = tl.where((o_m // 64)[:, None] == w, tl.load(p_bits + w)[None, :], b_word)
                 allowed = allowed & (((b_word >> (o_m % 64).to(tl.int64)[:, None]) & 1) != 0)
             acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, allowed,
                                                stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
@@ -154,7 +158,7 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
 })
 @triton.jit
 def _sparse_attn_fwd_kernel(
-    q, k, v, o, lse, res,
+    q, k, v, o, lse, res, flags,
     q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, res_idx, res_w,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
@@ -163,60 +167,67 @@ def _sparse_attn_fwd_kernel(
     stride_rb, stride_rh, stride_rl, stride_rd,
     H, L, NQ, NK, n_keep, n_src, NB, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, NWORDS: tl.constexpr, KV_DENSE: tl.constexpr,
-    EPILOGUE: tl.constexpr, IEEE: tl.constexpr, HAS_V: tl.constexpr, STORE_LSE: tl.constexpr,
+    EPILOGUE: tl.constexpr, IEEE: tl.constexpr, SAFE: tl.constexpr, HAS_V: tl.constexpr, STORE_LSE: tl.constexpr,
     HAS_KEPT: tl.constexpr, HAS_LIST: tl.constexpr, TOKEN_MASK: tl.constexpr, HAS_BANDS: tl.constexpr,
 ):
+    """``SAFE=False``: the attention of every tile, and in ``flags[bh * T + t]`` whether the tile's
+    result holds anything non-finite. ``SAFE=True`` (a second, separately compiled launch):
+    tiles whose flag is set are computed again with value rows checked key by key (the rule for
+    non-finite values); the others return at once. The fast variant carries none of the checks."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_m = tl.arange(0, BM)
-    o_d = tl.arange(0, D)
-    b_qi = tl.load(q_idx + i_t * BM + o_m)
-    m_q = b_qi >= 0
-    b_qi64 = b_qi.to(tl.int64)
-    q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    k += i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    if HAS_V:
-        v += i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
-    b_q = tl.load(q + b_qi64[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_q[:, None], other=0.0)
+    redo = True
+    if SAFE:
+        redo = tl.load(flags + i_bh.to(tl.int64) * tl.num_programs(0) + i_t) != 0
+    if redo:
+        i_b, i_h = i_bh // H, i_bh % H
+        o_m = tl.arange(0, BM)
+        o_d = tl.arange(0, D)
+        b_qi = tl.load(q_idx + i_t * BM + o_m)
+        m_q = b_qi >= 0
+        b_qi64 = b_qi.to(tl.int64)
+        q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+        k += i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+        if HAS_V:
+            v += i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
+        b_q = tl.load(q + b_qi64[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_q[:, None], other=0.0)
 
-    acc, m_i, l_i, bad = _visit_keys(
-        b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, i_t, i_bh,
-        stride_kl, stride_kd, stride_vl, stride_vd, L, NK, n_keep, n_src, NB, qk_scale,
-        BM, BN, D, NWORDS, KV_DENSE, HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, HAS_V, False, IEEE)
-    if HAS_V:
-        n_nonfinite = tl.sum(tl.where(m_q[:, None], (acc * 0.0 != 0).to(tl.int32), 0))
-        if n_nonfinite > 0:
-            acc, m_i, l_i, bad = _visit_keys(
-                b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, i_t, i_bh,
-                stride_kl, stride_kd, stride_vl, stride_vd, L, NK, n_keep, n_src, NB, qk_scale,
-                BM, BN, D, NWORDS, KV_DENSE, HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, HAS_V, True, IEEE)
+        acc, m_i, l_i, bad = _visit_keys(
+            b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, i_t, i_bh,
+            stride_kl, stride_kd, stride_vl, stride_vd, L, NK, n_keep, n_src, NB, qk_scale,
+            BM, BN, D, NWORDS, KV_DENSE, HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, HAS_V, SAFE, IEEE)
+        if HAS_V and not SAFE:
+            # x * 0 is 0 for a finite x and NaN otherwise.
+            n_nonfinite = tl.sum(tl.where(m_q[:, None], (acc * 0.0 != 0).to(tl.int32), 0))
+            tl.store(flags + i_bh.to(tl.int64) * tl.num_programs(0) + i_t, (n_nonfinite > 0).to(tl.int32))
 
-    if STORE_LSE:
-        # Rows with nothing allowed have l = 0: lse = -inf. NaN stays NaN.
-        b_lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, tl.where(l_i == 0, float("-inf"), l_i))
-        tl.store(lse + i_bh.to(tl.int64) * NQ + b_qi64, b_lse, mask=m_q)
-    if HAS_V:
-        # Rows with no allowed key have l = 0 and acc = 0: they output zeros.
-        b_o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        b_o = tl.where(bad[:, None], float("nan"), b_o)
-        if EPILOGUE == 1:
-            res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
-            for c in tl.static_range(4):
-                b_src = tl.load(res_idx + b_qi64 * 4 + c, mask=m_q, other=0).to(tl.int64)
-                b_w = tl.load(res_w + b_qi64 * 4 + c, mask=m_q, other=0.0)
-                b_r = tl.load(res + b_src[:, None] * stride_rl + o_d[None, :] * stride_rd, mask=m_q[:, None], other=0.0)
-                b_o += b_w[:, None] * b_r.to(tl.float32)
-        if EPILOGUE == 2:
-            res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
-            p_dense = res + b_qi64[:, None] * stride_rl + o_d[None, :] * stride_rd
-            b_dense = tl.load(p_dense, mask=m_q[:, None], other=0.0)
-            dense_bad = tl.max(((b_dense * 0.0) != 0).to(tl.int32), 1) > 0
-            b_dense = tl.where(dense_bad[:, None], float("nan"), b_dense)
-            tl.store(p_dense, b_dense, mask=m_q[:, None])
-            b_o = b_dense.to(tl.float32) - b_o
-        o += i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-        tl.store(o + b_qi64[:, None] * stride_ol + o_d[None, :] * stride_od, b_o.to(o.dtype.element_ty),
-                 mask=m_q[:, None])
+        if STORE_LSE:
+            # Rows with nothing allowed have l = 0: lse = -inf. NaN stays NaN.
+            b_lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453,
+                             tl.where(l_i == 0, float("-inf"), l_i))
+            tl.store(lse + i_bh.to(tl.int64) * NQ + b_qi64, b_lse, mask=m_q)
+        if HAS_V:
+            # Rows with no allowed key have l = 0 and acc = 0: they output zeros.
+            b_o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            b_o = tl.where(bad[:, None], float("nan"), b_o)
+            if EPILOGUE == 1:
+                res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
+                for c in tl.static_range(4):
+                    b_src = tl.load(res_idx + b_qi64 * 4 + c, mask=m_q, other=0).to(tl.int64)
+                    b_w = tl.load(res_w + b_qi64 * 4 + c, mask=m_q, other=0.0)
+                    b_r = tl.load(res + b_src[:, None] * stride_rl + o_d[None, :] * stride_rd, mask=m_q[:, None],
+                                  other=0.0)
+                    b_o += b_w[:, None] * b_r.to(tl.float32)
+            if EPILOGUE == 2:
+                res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
+                p_dense = res + b_qi64[:, None] * stride_rl + o_d[None, :] * stride_rd
+                b_dense = tl.load(p_dense, mask=m_q[:, None], other=0.0)
+                dense_bad = tl.max(((b_dense * 0.0) != 0).to(tl.int32), 1) > 0
+                b_dense = tl.where(dense_bad[:, None], float("nan"), b_dense)
+                tl.store(p_dense, b_dense, mask=m_q[:, None])
+                b_o = b_dense.to(tl.float32) - b_o
+            o += i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+            tl.store(o + b_qi64[:, None] * stride_ol + o_d[None, :] * stride_od, b_o.to(o.dtype.element_ty),
+                     mask=m_q[:, None])
 
 
 @triton.jit
@@ -265,11 +276,11 @@ def _column_scores_kernel(
 def _select_topk_kernel(scores, kept, L, n_keep, BL: tl.constexpr):
     """Per row: indices of the ``n_keep`` largest scores, ties to the lower index, ascending.
 
-    Each float becomes an integer key that orders like the float (NaN above +inf, -0.0 equal to
-    0.0, as ``torch.sort`` orders them). A radix select over the keys' four bytes, one 256-bin
-    histogram per byte, finds the ``n_keep``-th largest key exactly; ties at it are taken in
-    index order, and a prefix sum places the chosen indices in ascending order. Exactly
-    ``n_keep`` slots are written, each inside the row, whatever the scores hold.
+    Each float becomes an int32 key that orders like the float (NaN above +inf, -0.0 equal to
+    0.0, as ``torch.sort`` orders them). A 32-step bisection over the key range finds the
+    ``n_keep``-th largest key exactly; ties at it are taken in index order, and a prefix sum
+    places the chosen indices in ascending order. Exactly ``n_keep`` slots are written, each
+    inside the row, whatever the scores hold.
     """
     i_row = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BL)
@@ -278,31 +289,22 @@ def _select_topk_kernel(scores, kept, L, n_keep, BL: tl.constexpr):
     b_s = tl.where(b_s == 0.0, 0.0, b_s)
     b_s = tl.where(b_s != b_s, float("nan"), b_s)
     bits = b_s.to(tl.int32, bitcast=True)
-    # Signed key: negative floats order backwards as integers, so flip their lower 31 bits.
-    skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    # Unsigned view for the byte digits (flip the sign bit); padding never becomes a candidate.
-    ukey = skey ^ -2147483648
-    o_bin = tl.arange(0, 256)
-    need = n_keep + tl.zeros([], dtype=tl.int32)
-    prefix = tl.zeros([], dtype=tl.int32)
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p
-        if p == 0:
-            cand = m
-        else:
-            cand = m & (((ukey >> (shift + 8)) & ((1 << (8 * p)) - 1)) == prefix)
-        digit = tl.where(cand, (ukey >> shift) & 0xFF, 0)
-        hist = tl.histogram(digit, 256)
-        # Non-candidates were counted in bin 0.
-        hist = hist - tl.where(o_bin == 0, BL - tl.sum(cand.to(tl.int32), 0), 0)
-        # at_least[d]: candidates whose digit is >= d.
-        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-        best = tl.max(tl.where(at_least >= need, o_bin, -1), 0)
-        need = need - tl.sum(tl.where(o_bin > best, hist, 0), 0)
-        prefix = (prefix << 8) | best
-    threshold = prefix ^ -2147483648
-    above = m & (skey > threshold)
-    tie = m & (skey == threshold)
+    # Negative floats order backwards as integers: flip their lower 31 bits.
+    key = tl.where(m, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
+    # Invariant: at least n_keep keys are >= lo, fewer than n_keep are >= hi (int64 scalars, so
+    # the midpoint of the full int32 range cannot overflow). Padding holds the smallest key and
+    # never counts: no real float maps to it.
+    lo = tl.full([], -2147483647, dtype=tl.int64)
+    hi = tl.full([], 2147483648, dtype=tl.int64)
+    for _ in range(32):
+        mid = (lo + hi) // 2
+        enough = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0) >= n_keep
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    threshold = lo.to(tl.int32)
+    above = m & (key > threshold)
+    tie = m & (key == threshold)
+    need = n_keep - tl.sum(above.to(tl.int32), 0)
     take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
     tl.store(kept + i_row * n_keep + pos, o, mask=take & (pos < n_keep))

@@ -13,9 +13,9 @@ settings.register_profile(
     "fast", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
     "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# On a GPU every drawn tile config is a fresh compile (about a second): fewer, larger examples.
+# On a GPU every drawn config is a fresh compile (seconds): few examples, from few configs.
 settings.register_profile(
-    "gpu", max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    "gpu", max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("SPARVAR_HYPOTHESIS_PROFILE", "fast"))
 
 torch.set_num_threads(min(4, os.cpu_count() or 1))

@@ -26,12 +26,19 @@ def _poison_outputs(monkeypatch):
 pow2 = st.sampled_from([16, 32, 64, 128, 256])
 
 
+# On a GPU each new config is a fresh compile of two kernel variants (seconds each): there the
+# draws come from a few configs that still span the block sizes, warps and stages.
+GPU_CONFIGS = [(64, 64, 4, 3), (128, 32, 8, 2), (256, 128, 8, 1), (16, 256, 4, 2)]
+
+
 @st.composite
 def configs(draw, tiled=False):
-    bm, bn = draw(pow2), draw(pow2)
+    if DEVICE == "cuda":
+        bm, bn, warps, stages = draw(st.sampled_from(GPU_CONFIGS))
+    else:
+        bm, bn, warps, stages = draw(pow2), draw(pow2), draw(st.sampled_from([1, 2, 4, 8, 16])), draw(st.integers(1, 6))
     tw = draw(st.sampled_from([t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= bm])) if tiled else 0
-    return K.KernelConfig(bm, bn, draw(st.sampled_from([1, 2, 4, 8, 16])), draw(st.integers(1, 6)),
-                          bm // tw if tiled else 0, tw)
+    return K.KernelConfig(bm, bn, warps, stages, bm // tw if tiled else 0, tw)
 
 
 def run_or_refused(fn):
@@ -305,3 +312,48 @@ def test_state_on_another_device_or_dtype_is_named():
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="state.residual is on cpu"):
             K.cs4a_sparse(q2, k2, v2, s, 2, params, R.CS4AState(1, state.kept, state.residual.cpu()))
+
+
+def test_plan_cache_matches_a_fresh_build_and_follows_every_change():
+    """A cached launch plan gives what a fresh build gives; a new shape, dtype, config or
+    parameter set builds a new plan (a stale one would be wrong); a malformed call is refused
+    with the same message whether or not a plan exists."""
+    s = R.Schedule([(1, 1), (2, 3), (5, 6)])
+    params = R.CSLAParams(1, (3, 1))
+    (q, k, v), (q64, k64, v64) = make_qkv(s, 2, 1, 2, 16, DTYPES[0], 0)
+    K.clear_plans()
+    first = K.csla_attention(q, k, v, s, 2, params, 0.5)
+    assert K.plan_count() == 1
+    again = K.csla_attention(q, k, v, s, 2, params, 0.5)
+    assert K.plan_count() == 1 and torch.equal(first, again)
+    K.clear_plans()
+    assert torch.equal(K.csla_attention(q, k, v, s, 2, params, 0.5), first)
+    variants = [
+        ("batch", make_qkv(s, 2, 2, 2, 16, DTYPES[0], 1), params, None),
+        ("dtype", make_qkv(s, 2, 1, 2, 16, DTYPES[-1], 2), params, None),
+        ("head dim", make_qkv(s, 2, 1, 2, 32, DTYPES[0], 3), params, None),
+        ("config", make_qkv(s, 2, 1, 2, 16, DTYPES[0], 4), params, K.KernelConfig(16, 16, 4, 1, 2, 8)),
+        ("parameters", make_qkv(s, 2, 1, 2, 16, DTYPES[0], 5), R.CSLAParams(0, (5, 3, 1)), None),
+    ]
+    for n, ((q, k, v), (q64, k64, v64)), p, cfg in variants:
+        before = K.plan_count()
+        out = K.csla_attention(q, k, v, s, 2, p, 0.5, config=cfg)
+        assert K.plan_count() == before + 1, n
+        assert_close(f"csla after a change of {n}", out, R.csla_attention(q64, k64, v64, s, 2, p, 0.5))
+    with pytest.raises(ValueError, match="q has 31 tokens but scale 2"):
+        K.csla_attention(torch.cat([q, q[:, :, :1]], 2), k, v, s, 2, params, 0.5)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_launch_matches_the_first_launch():
+    """After the first launch of a signature, calls skip Triton's binding: same bits, also when
+    only the strides change (a new specialisation)."""
+    s, params = R.infinity_schedule("1.000", "0.25M"), R.CS4AParams(7, 192, 0.2, (9, 7))
+    for strided in (False, True):
+        (q, k, v), _ = make_qkv(s, 9, 2, 4, 64, torch.bfloat16, 0, strided=strided, device="cuda")
+        outs = [K.csla_attention(q, k, v, s, 9) for _ in range(3)]
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        (qd, kd, vd), _ = make_qkv(s, 7, 2, 4, 64, torch.bfloat16, 1, strided=strided, device="cuda")
+        _, state = K.cs4a_decide(qd, kd, vd, s, 7, params)
+        outs = [K.cs4a_sparse(q, k, v, s, 9, params, state) for _ in range(3)]
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
