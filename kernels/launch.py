@@ -140,7 +140,8 @@ class _Launcher:
         compiled = _launch(self.kernel, self.grid, self.name, self.config, **kwargs)
         if compiled is not None and not interpreting():
             self._derived = {n: f(kwargs) for n, f in self.heuristics.items()}
-            self._runners[spec] = compiled[self.grid]
+            # The compiled kernel's runner reads all three grid dimensions.
+            self._runners[spec] = compiled[tuple(self.grid) + (1,) * (3 - len(self.grid))]
 
 
 def _strides(t: torch.Tensor | None, n: int = 4) -> tuple:
