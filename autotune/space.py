@@ -64,7 +64,7 @@ CPU_SPACE = {
                         "num_stages": [3]},
     Launch.CS4A_SCORES: {"block_m": [16, 64], "block_n": [16, 128], "num_warps": [8], "num_stages": [3]},
     Launch.CS4A_SELECT: {"block_m": [16, 64], "block_n": [16, 32], "num_warps": [4], "num_stages": [3]},
-    Launch.CS4A_SPARSE: {"block_m": [16, 128], "block_n": [16, 64], "num_warps": [8], "num_stages": [3]},
+    Launch.CS4A_SPARSE: {"block_m": [16, 64], "block_n": [16, 64], "num_warps": [4], "num_stages": [3]},
 }
 
 

@@ -178,6 +178,8 @@ def run_autotune(opts: AutotuneOptions):
     """Run (or resume) the study, re-measure the best, default and dense in one process, and
     write the tuned config. Returns ``(config, path, measured)``."""
     opts.check()
+    # Optuna's own INFO lines (a new study, each trial) would interleave with ours.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     setup = build_setup(opts)
     check_output_dir(opts.output_dir or user_config_dir())
     calibration = load_calibration(opts.calibration, setup.schedule, setup.plan.depth) if opts.calibration else None
@@ -187,8 +189,7 @@ def run_autotune(opts: AutotuneOptions):
     if calibration is not None:
         return run_quality_search(opts, setup, storage_url, calibration)
     study = create_study(setup.study_name, storage, storage_url, direction="minimize")
-    if opts.progress:
-        print(f"study {setup.study_name!r} in {storage_url}", file=sys.stderr, flush=True)
+    print(f"study {setup.study_name!r} in {storage_url}", file=sys.stderr, flush=True)
     remaining = max(0, opts.trials - sum(_counted(t) for t in study.get_trials(deepcopy=False)))
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial(default_params(setup.units, setup.space), user_attrs={"default": True})

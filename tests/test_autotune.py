@@ -26,10 +26,11 @@ from fake_measurer import FaultyMeasurer
 
 
 def test_units_of_the_infinity_plan():
-    units = plan_units(default_plan(infinity_schedule(), 32))
-    assert [(u.key, u.count) for u in units] == [
-        ("cs4a_decide@10", 11), ("csla@10", 21), ("cs4a_sparse@11", 11), ("csla@11", 21),
-        ("cs4a_sparse@12", 11), ("csla@12", 21)]
+    plan = default_plan(infinity_schedule(), 32)
+    cs4a, csla = plan.bound_layer + 1, plan.depth - plan.bound_layer - 1
+    assert [(u.key, u.count) for u in plan_units(plan)] == [
+        ("cs4a_decide@10", cs4a), ("csla@10", csla), ("cs4a_sparse@11", cs4a), ("csla@11", csla),
+        ("cs4a_sparse@12", cs4a), ("csla@12", csla)]
 
 
 @pytest.mark.parametrize("space", [SPACE, CPU_SPACE])
