@@ -74,11 +74,14 @@ class StepDispatcher:
     ``dispatcher(layer, step, q, k, v, scale)`` returns ``[B, H, h_k*w_k, D]``. The CS4A state of
     each layer is kept from its decision step to its later steps; ``new_image()`` drops them
     before the next generation. ``kernels`` maps ``LaunchKey`` (launch at a step) to configs.
+    ``plan=None`` is dense attention at every step (the baseline a sparse plan is measured
+    against).
     """
 
-    def __init__(self, plan: SparsityPlan, schedule: Schedule, *, backend: Backend = Backend.KERNELS,
+    def __init__(self, plan: SparsityPlan | None, schedule: Schedule, *, backend: Backend = Backend.KERNELS,
                  kernels: dict[LaunchKey, KernelConfig] | None = None):
-        plan.check_schedule(schedule)
+        if plan is not None:
+            plan.check_schedule(schedule)
         self.plan, self.schedule, self.backend = plan, schedule, Backend(backend)
         self.kernels = dict(kernels or {})
         self._configs = [{key.launch: cfg for key, cfg in self.kernels.items() if key.step == step}
@@ -99,7 +102,7 @@ class StepDispatcher:
 
     def __call__(self, layer: int, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float = 1.0) -> torch.Tensor:
-        kind = self.plan.kind(layer, step)
+        kind = self.plan.kind(layer, step) if self.plan is not None else StepKind.DENSE
         state = self._states.get(layer)
         if kind == StepKind.CS4A_SPARSE and state is None:
             raise ValueError(f"layer {layer} step {step} is cs4a_sparse but its decision step "

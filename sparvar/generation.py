@@ -1,0 +1,175 @@
+"""Next-scale generation for the project's Infinity and VAR networks, with the plan's attention.
+
+``NextScaleGenerator`` runs the scale loop of a network (``VARNet`` or ``InfinityNet``): a KV cache
+allocated once for the whole schedule (each scale's keys and values are written into it, never
+concatenated), classifier-free guidance as batch doubling, top-k/top-p sampling from a seeded
+generator, and every attention through one ``StepDispatcher`` (dense, CSLA or CS4A as the plan
+says). On a GPU each scale's transformer pass can be replayed from a CUDA graph captured once
+per shape. ``skip_last`` stops that many scales early (the features already live on the last
+scale's grid, so decoding sees them up-sampled), as FastVAR and SkipVAR do.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from sparvar.reference import Schedule
+
+from .dispatch import StepDispatcher
+
+__all__ = ["KVCache", "GenerationResult", "NextScaleGenerator", "sample_top_k_top_p"]
+
+
+class KVCache:
+    """Keys and values of every layer for the whole schedule, ``[depth, B, H, L_total, D]`` each.
+    ``write`` puts one scale's keys and values in place and returns the views of scales
+    ``0..step`` that attention reads."""
+
+    def __init__(self, depth: int, batch: int, heads: int, total: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(depth, batch, heads, total, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def write(self, layer: int, lo: int, hi: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer, :, :, lo:hi] = k
+        self.v[layer, :, :, lo:hi] = v
+        return self.k[layer, :, :, :hi], self.v[layer, :, :, :hi]
+
+
+def sample_top_k_top_p(logits: torch.Tensor, generator: torch.Generator | None, top_k: int = 0,
+                       top_p: float = 0.0) -> torch.Tensor:
+    """``[B, l, V]`` logits -> ``[B, l]`` samples: keep the ``top_k`` largest (0: all), then the
+    smallest set whose probability reaches ``top_p`` (0: all), softmax, one multinomial draw per
+    position from ``generator`` (the official samplers' order of operations, so the same seed
+    draws the same tokens)."""
+    B, l, V = logits.shape
+    logits = logits.clone()
+    if 0 < top_k < V:
+        logits.masked_fill_(logits < logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(-1, keepdim=True),
+                            -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -torch.inf)
+    probs = logits.softmax(dim=-1).view(-1, V)
+    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
+
+
+@dataclass
+class GenerationResult:
+    """``tokens``: per generated scale the sampled tokens (``[B, h*w]`` for VAR, bits
+    ``[B, h*w, d]`` for Infinity); ``features``: what the decoder takes (VAR's ``f_hat``,
+    Infinity's summed codes) on the last scale's grid; ``scale_ms``: wall time per scale."""
+
+    tokens: list[torch.Tensor]
+    features: torch.Tensor
+    scale_ms: list[float] = field(default_factory=list)
+
+
+class NextScaleGenerator:
+    """The scale loop of ``net`` over ``schedule`` with ``dispatcher``'s attention.
+
+    ``net`` provides ``begin(cond) -> (x, state)``, ``blocks`` (each ``block(x, block_cond,
+    attend)``), ``block_cond(state, step)``, ``logits(x, state)``, ``guide(logits, step, cfg)``,
+    ``sample(logits, generator, top_k, top_p)`` and ``next_input(step, tokens, aux, carry)``;
+    ``aux`` is the family's VAE part (``VQInput`` for VAR, the bit quantizer for Infinity).
+    """
+
+    def __init__(self, net, schedule: Schedule, dispatcher: StepDispatcher, aux=None, *, graphs: bool = False):
+        self.net, self.schedule, self.dispatcher, self.aux = net, schedule, dispatcher, aux
+        self.graphs = graphs
+        self._graphs: dict = {}
+        self._cache: KVCache | None = None
+        self._state: dict | None = None
+
+    def _scale(self, step: int, x: torch.Tensor, state, cache: KVCache) -> torch.Tensor:
+        """One scale's transformer pass: ``x [2B, h*w, C]`` -> logits ``[2B, h*w, V]``."""
+        lo, hi = self.schedule.offsets[step], self.schedule.offsets[step + 1]
+        block_cond = self.net.block_cond(state, step)
+        for layer, block in enumerate(self.net.blocks):
+            def attend(q, k, v, scale, layer=layer):
+                k_all, v_all = cache.write(layer, lo, hi, k, v)
+                return self.dispatcher(layer, step, q, k_all, v_all, scale)
+            x = block(x, block_cond, attend)
+        return self.net.logits(x, state)
+
+    def _buffers(self, x: torch.Tensor, state: dict) -> tuple[KVCache, dict]:
+        """The KV cache (allocated once per batch and dtype, reused by later generations: each
+        scale writes its rows before any attention reads them) and, with graphs, the conditioning
+        copied into the tensors the captured graphs read."""
+        first = self.net.blocks[0].attn
+        shape = (len(self.net.blocks), x.shape[0], first.num_heads, self.schedule.offsets[-1], first.head_dim)
+        if self._cache is None or tuple(self._cache.k.shape) != shape or self._cache.k.dtype != x.dtype \
+                or self._cache.k.device != x.device:
+            self._cache = KVCache(*shape[:2], shape[2], shape[3], shape[4], x.dtype, x.device)
+            self._graphs.clear()
+        if not (self.graphs and x.is_cuda):
+            return self._cache, state
+        same = self._state is not None and self._state.keys() == state.keys() and all(
+            self._state[n].shape == t.shape and self._state[n].dtype == t.dtype for n, t in state.items())
+        if same:
+            for n, t in state.items():
+                self._state[n].copy_(t)
+        else:
+            self._state = {n: t.clone() for n, t in state.items()}
+            self._graphs.clear()
+        return self._cache, self._state
+
+    @torch.no_grad()
+    def generate(self, cond, *, seed: int | None = 0, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                 skip_last: int = 0, generator: torch.Generator | None = None) -> GenerationResult:
+        S = self.schedule.num_scales
+        if isinstance(skip_last, bool) or not isinstance(skip_last, int) or not 0 <= skip_last < S:
+            raise ValueError(f"skip_last must be an int in [0, {S - 1}], got {skip_last!r}")
+        x, state = self.net.begin(cond)
+        device = x.device
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        cache, state = self._buffers(x, state)
+        self.dispatcher.new_image()
+        tokens, carry, times = [], None, []
+        for step in range(S - skip_last):
+            t0 = time.perf_counter()
+            logits = self._run_scale(step, x, state, cache)
+            sampled = self.net.sample(self.net.guide(logits, step, cfg), generator, top_k, top_p)
+            tokens.append(sampled)
+            x, carry = self.net.next_input(step, sampled, self.aux, carry)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return GenerationResult(tokens, carry, times)
+
+    def _run_scale(self, step, x, state, cache):
+        if not (self.graphs and x.is_cuda):
+            return self._scale(step, x, state, cache)
+        key = (step, tuple(x.shape), x.dtype)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(step, x, state, cache)
+            return entry[2]
+        static_x, graph, out = entry
+        if graph is None:
+            return self._scale(step, x, state, cache)
+        static_x.copy_(x)
+        graph.replay()
+        return out
+
+    def _capture(self, step, x, state, cache):
+        """Capture one scale's pass; the eager pass before it is the warm-up (compilation, launch
+        plans) and writes the same cache rows the replays will."""
+        static_x = x.clone()
+        self._scale(step, static_x, state, cache)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self._scale(step, static_x, state, cache)
+        except RuntimeError as e:
+            warnings.warn(f"CUDA graph capture of scale {step} failed ({str(e).splitlines()[0]}); running it eagerly",
+                          stacklevel=3)
+            return static_x, None, self._scale(step, x, state, cache)
+        graph.replay()
+        return static_x, graph, out
