@@ -73,10 +73,12 @@ class GenerationResult:
 class NextScaleGenerator:
     """The scale loop of ``net`` over ``schedule`` with ``dispatcher``'s attention.
 
-    ``net`` provides ``begin(cond) -> (x, state)``, ``blocks`` (each ``block(x, block_cond,
-    attend)``), ``block_cond(state, step)``, ``logits(x, state)``, ``guide(logits, step, cfg)``,
+    ``net`` provides ``cfg`` (``num_heads``, ``embed_dim``), ``begin(cond) -> (x, state)``, ``blocks``, ``block_cond(state, step)``,
+    ``run_blocks(x, block_cond, attend_for)`` (``attend_for(layer)`` gives that layer's
+    ``attend(q, k, v, scale)``), ``logits(x, state)``, ``guide(logits, step, cfg)``,
     ``sample(logits, generator, top_k, top_p)`` and ``next_input(step, tokens, aux, carry)``;
-    ``aux`` is the family's VAE part (``VQInput`` for VAR, the bit quantizer for Infinity).
+    ``aux`` is the family's VAE part (``VQInput`` for VAR; nothing for Infinity, whose bit codes
+    need no parameters).
     """
 
     def __init__(self, net, schedule: Schedule, dispatcher: StepDispatcher, aux=None, *, graphs: bool = False):
@@ -89,20 +91,20 @@ class NextScaleGenerator:
     def _scale(self, step: int, x: torch.Tensor, state, cache: KVCache) -> torch.Tensor:
         """One scale's transformer pass: ``x [2B, h*w, C]`` -> logits ``[2B, h*w, V]``."""
         lo, hi = self.schedule.offsets[step], self.schedule.offsets[step + 1]
-        block_cond = self.net.block_cond(state, step)
-        for layer, block in enumerate(self.net.blocks):
-            def attend(q, k, v, scale, layer=layer):
+
+        def attend_for(layer: int):
+            def attend(q, k, v, scale):
                 k_all, v_all = cache.write(layer, lo, hi, k, v)
                 return self.dispatcher(layer, step, q, k_all, v_all, scale)
-            x = block(x, block_cond, attend)
-        return self.net.logits(x, state)
+            return attend
+        return self.net.logits(self.net.run_blocks(x, self.net.block_cond(state, step), attend_for), state)
 
     def _buffers(self, x: torch.Tensor, state: dict) -> tuple[KVCache, dict]:
         """The KV cache (allocated once per batch and dtype, reused by later generations: each
         scale writes its rows before any attention reads them) and, with graphs, the conditioning
         copied into the tensors the captured graphs read."""
-        first = self.net.blocks[0].attn
-        shape = (len(self.net.blocks), x.shape[0], first.num_heads, self.schedule.offsets[-1], first.head_dim)
+        shape = (len(self.net.blocks), x.shape[0], self.net.cfg.num_heads, self.schedule.offsets[-1],
+                 self.net.cfg.embed_dim // self.net.cfg.num_heads)
         if self._cache is None or tuple(self._cache.k.shape) != shape or self._cache.k.dtype != x.dtype \
                 or self._cache.k.device != x.device:
             self._cache = KVCache(*shape[:2], shape[2], shape[3], shape[4], x.dtype, x.device)

@@ -115,6 +115,11 @@ class VARNet(nn.Module):
     def block_cond(self, state: dict, step: int) -> torch.Tensor:
         return self.shared_ada_lin(state["cond"])
 
+    def run_blocks(self, x: torch.Tensor, cond: torch.Tensor, attend_for) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, attend_for(i))
+        return x
+
     def logits(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         return self.head(self.head_nm(x.float(), state["cond"]).float()).float()
 

@@ -1,0 +1,318 @@
+"""The Infinity architecture (FoundationVision/Infinity ``infinity/models/infinity.py``, ``basic.py``)
+at inference, as its inference script builds it: cosine self-attention with the learned per-head
+scale and 2-D rotary positions across scales, cross-attention to text embeddings, shared AdaLN,
+the FFN, the bit-wise (BSQ) head and the next-scale input path.
+
+Parameter names are the official ones with one documented key map (``from_official_state``):
+the official model registers its blocks in chunks (``block_chunks.<c>.module.<j>.``), this one
+as ``blocks.<c * chunk + j>.``. Text conditioning is given as the official packed form:
+``(kv_compact [N, Ct5], lens, cu_seqlens [B+1], max_len)`` of T5 features.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .generation import sample_top_k_top_p
+from .layers import FFN, AdaLNBeforeHead, SelfAttention, adaln_modulate
+
+__all__ = ["InfinityConfig", "InfinityNet", "TextCondition", "rope_table", "bits_to_codes"]
+
+
+@dataclass(frozen=True)
+class InfinityConfig:
+    """Shapes and switches of an Infinity model. Presets: Infinity-2B (depth 32, width 2048, 16
+    heads) and -8B (depth 40, width 3584, 28 heads), with the inference script's settings:
+    shared AdaLN, 8 block chunks, 32-bit BSQ codes predicted bit by bit, T5-XL text features
+    (2048 channels), 2-D RoPE with positions scaled to the 1M grid (``rope2d_normalized_by_hw=2``)."""
+
+    depth: int
+    embed_dim: int
+    num_heads: int
+    text_channels: int = 2048
+    text_maxlen: int = 512
+    codebook_dim: int = 32
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    block_chunks: int = 8
+    add_lvl_embeding_only_first_block: bool = True
+    rope_base: float = 10000.0
+
+    @classmethod
+    def preset(cls, name: str) -> "InfinityConfig":
+        shapes = {"infinity-2b": (32, 2048, 16), "infinity-8b": (40, 3584, 28)}
+        if name not in shapes:
+            raise ValueError(f"Infinity preset must be one of {list(shapes)}, got {name!r}")
+        depth, width, heads = shapes[name]
+        return cls(depth=depth, embed_dim=width, num_heads=heads)
+
+
+def rope_table(grids, reference_hw: tuple[int, int], head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """``[2, L, head_dim // 2]`` cos and sin of every token of ``grids`` (raster order, scales
+    concatenated): half of each head's pairs rotate with the row, half with the column, where a
+    token ``(y, x)`` of an ``h x w`` grid sits at ``round(y * H / h), round(x * W / w)`` on the
+    ``reference_hw = (H, W)`` grid (Infinity's last 1M grid: positions of every scale on one
+    scale), frequencies ``base ** (-2i / (head_dim / 2))``."""
+    half = head_dim // 2
+    if half % 2:
+        raise ValueError(f"2-D rotary positions need head_dim divisible by 4, got {head_dim}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
+    H, W = reference_hw
+    rows = []
+    for h, w in grids:
+        y = (torch.arange(h) * (H / h)).reshape(h, 1).expand(h, w)
+        x = (torch.arange(w) * (W / w)).reshape(1, w).expand(h, w)
+        pos = torch.stack([y, x], dim=-1).round().int().reshape(-1, 2).float()
+        rows.append(torch.cat([torch.outer(pos[:, 0], inv_freq), torch.outer(pos[:, 1], inv_freq)], dim=-1))
+    angles = torch.cat(rows)
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def apply_rope(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of ``t [B, H, L, D]`` by ``table [2, L, D // 2]`` (fp32)."""
+    dtype = t.dtype
+    pairs = t.float().reshape(*t.shape[:-1], -1, 2)
+    cos, sin = table[0], table[1]
+    out = torch.stack([cos * pairs[..., 0] - sin * pairs[..., 1], sin * pairs[..., 0] + cos * pairs[..., 1]], dim=-1)
+    return out.reshape(t.shape).to(dtype)
+
+
+def bits_to_codes(bits: torch.Tensor, codebook_dim: int) -> torch.Tensor:
+    """BSQ bits ``[..., d]`` -> codes ``(2 * bit - 1) / sqrt(d)``, L2-normalised (as the VAE's
+    quantizer computes them)."""
+    scale = 1 / math.sqrt(codebook_dim)
+    return F.normalize(bits * scale * 2 - scale, dim=-1)
+
+
+@dataclass
+class TextCondition:
+    """T5 features in the official packed form: rows of all prompts ``[N, Ct5]``, each prompt's
+    length, ``cu_seqlens [B+1]`` (int32) and the longest length."""
+
+    kv_compact: torch.Tensor
+    lens: list[int]
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    @classmethod
+    def from_features(cls, features: list[torch.Tensor]) -> "TextCondition":
+        lens = [f.shape[0] for f in features]
+        cu = F.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+        return cls(torch.cat(features), lens, cu.to(features[0].device), max(lens))
+
+    def as_tuple(self):
+        return self.kv_compact, self.lens, self.cu_seqlens, self.max_len
+
+
+class _CrossAttention(nn.Module):
+    """Queries against the keys and values of their own prompt's text rows. ``for_attn_pool``:
+    one learned query per prompt (``mat_q`` a parameter), giving the start token. Like the
+    official code (whose flash-attention kernel needs half precision) it computes in bf16 and
+    returns fp32 when given fp32."""
+
+    def __init__(self, embed_dim: int, kv_dim: int, num_heads: int, for_attn_pool: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.for_attn_pool = num_heads, embed_dim // num_heads, for_attn_pool
+        self.scale = 1 / math.sqrt(self.head_dim)
+        if for_attn_pool:
+            q = torch.empty(1, num_heads, self.head_dim)
+            nn.init.trunc_normal_(q, mean=0, std=math.sqrt(1 / embed_dim / 3))
+            self.mat_q = nn.Parameter(q)
+        else:
+            self.mat_q = nn.Linear(embed_dim, embed_dim, bias=True)
+        self.mat_kv = nn.Linear(kv_dim, embed_dim * 2, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor | None, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        N, H, D = kv_compact.shape[0], self.num_heads, self.head_dim
+        kv = F.linear(kv_compact, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias))).view(N, 2, H, D)
+        if self.for_attn_pool:
+            B, Lq = cu_seqlens.shape[0] - 1, 1
+            q = self.mat_q.repeat(B, 1, 1).to(kv.dtype)
+        else:
+            B, Lq = x.shape[:2]
+            q = self.mat_q(x).view(-1, H, D)
+        cast = q.dtype == torch.float32
+        if cast:
+            q, kv = q.to(torch.bfloat16), kv.to(torch.bfloat16)
+        bounds = cu_seqlens.tolist()
+        out = []
+        for b in range(B):
+            qs = q[b * Lq:(b + 1) * Lq].transpose(0, 1)
+            k, v = kv[bounds[b]:bounds[b + 1]].unbind(1)
+            out.append(F.scaled_dot_product_attention(qs, k.transpose(0, 1), v.transpose(0, 1),
+                                                      scale=self.scale).transpose(0, 1))
+        o = torch.cat(out).reshape(B, Lq, -1)
+        return self.proj(o.float() if cast else o)
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, C: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True).add_(self.eps)) * self.weight).to(x.dtype)
+
+
+class _TextAttentivePool(nn.Module):
+    def __init__(self, Ct5: int, D: int):
+        super().__init__()
+        head_dim = 64 if D > 4096 else 128
+        self.ca = _CrossAttention(D, Ct5, Ct5 // head_dim, for_attn_pool=True)
+
+    def forward(self, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.ca(None, kv_compact, cu_seqlens).squeeze(1)
+
+
+class _SharedAdaLin(nn.Linear):
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond).reshape(-1, 1, 6, self.weight.shape[0] // 6)
+
+
+class InfinityBlock(nn.Module):
+    """``CrossAttnBlock`` at inference (the fused-norm path the inference script takes)."""
+
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        C = cfg.embed_dim
+        self.sa = SelfAttention(C, cfg.num_heads, cos_attn=True)
+        self.ca = _CrossAttention(C, C, cfg.num_heads)
+        self.ffn = FFN(C, round(C * cfg.mlp_ratio / 256) * 256)
+        self.ln_wo_grad = nn.LayerNorm(C, elementwise_affine=False, eps=cfg.norm_eps)
+        self.ca_norm = nn.LayerNorm(C, elementwise_affine=True, eps=cfg.norm_eps)
+        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C ** 0.5)
+
+    def forward(self, x: torch.Tensor, cond: dict, attend) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond["gss"]).unbind(2)
+        q, k, v = self.sa.qkv(adaln_modulate(self.ln_wo_grad, x.float(), scale1, shift1))
+        q, k = apply_rope(q, cond["rope"]), apply_rope(k, cond["rope"])
+        x = x + self.sa.out(attend(q, k, v, self.sa.scale)).mul_(gamma1)
+        x = x + self.ca(self.ca_norm(x), cond["text"], cond["cu_seqlens"]).float()
+        return x + self.ffn(adaln_modulate(self.ln_wo_grad, x.float(), scale2, shift2)).mul(gamma2)
+
+
+class InfinityNet(nn.Module):
+    """The Infinity transformer for one schedule family. ``reference_hw`` is the grid RoPE
+    positions are scaled to (the last grid of the aspect ratio's 1M schedule)."""
+
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        if cfg.depth % cfg.block_chunks:
+            raise ValueError(f"depth {cfg.depth} is not a multiple of block_chunks {cfg.block_chunks}")
+        self.cfg = cfg
+        C, Ct5, d = cfg.embed_dim, cfg.text_channels, cfg.codebook_dim
+        init_std = math.sqrt(1 / C / 3)
+        g = torch.Generator().manual_seed(0)
+        uncond = torch.empty(cfg.text_maxlen, Ct5)
+        nn.init.trunc_normal_(uncond, std=1.2, generator=g)
+        self.cfg_uncond = nn.Parameter(uncond / Ct5 ** 0.5)
+        self.text_norm = _RMSNorm(Ct5, cfg.norm_eps)
+        self.text_proj_for_sos = _TextAttentivePool(Ct5, C)
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(Ct5, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
+        self.pos_start = nn.Parameter(torch.empty(1, 1, C))
+        self.lvl_embed = nn.Embedding(15, C)
+        for p in (self.pos_start, self.lvl_embed.weight):
+            nn.init.trunc_normal_(p.data, mean=0, std=init_std)
+        self.word_embed = nn.Linear(d, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(inplace=False), _SharedAdaLin(C, 6 * C))
+        self.blocks = nn.ModuleList([InfinityBlock(cfg) for _ in range(cfg.depth)])
+        self.head_nm = AdaLNBeforeHead(C, C, cfg.norm_eps)
+        self.head = nn.Linear(C, 2 * d)
+        self.rope: torch.Tensor | None = None
+        self.grids: tuple = ()
+        self.tau = 1.0
+
+    @classmethod
+    def map_official_keys(cls, state: dict) -> dict:
+        """The official chunked block names -> ``blocks.<i>.`` (the one key map), other names as
+        they are."""
+        chunks = {int(m.group(1)) for k in state if (m := re.match(r"block_chunks\.(\d+)\.module\.", k))}
+        per = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"block_chunks\.\d+\.module\.(\d+)\.", k))),
+                      default=-1)
+        out = {}
+        for k, v in state.items():
+            m = re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.(.*)", k)
+            out[f"blocks.{int(m.group(1)) * per + int(m.group(2))}.{m.group(3)}" if m and chunks else k] = v
+        return out
+
+    def set_schedule(self, grids, reference_hw: tuple[int, int]) -> None:
+        """The schedule to generate (RoPE positions of every token)."""
+        self.grids = tuple(tuple(g) for g in grids)
+        self.rope = rope_table(self.grids, reference_hw, self.cfg.embed_dim // self.cfg.num_heads,
+                               self.cfg.rope_base).to(self.pos_start.device)
+
+    # The generation loop's steps (sparvar.generation.NextScaleGenerator).
+    def begin(self, text: TextCondition):
+        """Prompts -> the first scale's input ``[2B, 1, C]`` (conditional rows, then unconditional)
+        and the conditioning; the unconditional prompt is ``cfg_uncond`` cut to each length."""
+        if self.rope is None:
+            raise ValueError("call set_schedule(grids, reference_hw) before generating")
+        kv, cu = text.kv_compact, text.cu_seqlens
+        B = len(text.lens)
+        uncond = torch.cat([self.cfg_uncond[:n] for n in text.lens]).to(kv.dtype)
+        kv = self.text_norm(torch.cat((kv, uncond)))
+        cu = torch.cat((cu, cu[1:] + cu[-1]))
+        cond = self.text_proj_for_sos(kv, cu)
+        kv = self.text_proj_for_ca(kv)
+        x = cond.unsqueeze(1).expand(2 * B, 1, -1) + self.pos_start.expand(2 * B, 1, -1)
+        gss = self.shared_ada_lin(cond.float()).float().contiguous()
+        return x, {"cond": cond, "gss": gss, "text": kv, "cu_seqlens": cu}
+
+    def block_cond(self, state: dict, step: int) -> dict:
+        lo = sum(h * w for h, w in self.grids[:step])
+        return {**state, "rope": self.rope[:, lo: lo + self.grids[step][0] * self.grids[step][1]], "step": step}
+
+    def _add_level(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        return x + self.lvl_embed.weight[step]
+
+    def run_blocks(self, x: torch.Tensor, cond: dict, attend_for) -> torch.Tensor:
+        """The blocks in their chunks: the level embedding is added before every chunk (or only
+        the first, ``add_lvl_embeding_only_first_block``), as the official loop does."""
+        per = self.cfg.depth // self.cfg.block_chunks
+        for i, block in enumerate(self.blocks):
+            if i % per == 0 and (i == 0 or not self.cfg.add_lvl_embeding_only_first_block):
+                x = self._add_level(x, cond["step"])
+            x = block(x, cond, attend_for(i))
+        return x
+
+    def logits(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        return self.head(self.head_nm(x.float(), state["cond"].float()))
+
+    def guide(self, logits: torch.Tensor, step: int, cfg: float) -> torch.Tensor:
+        """Guidance on the logits (the inference script's ``cfg_insertion_layer=0``) after the
+        temperature ``tau``: ``cfg * cond + (1 - cfg) * uncond``."""
+        logits = logits.mul(1 / self.tau)
+        B = logits.shape[0] // 2
+        return cfg * logits[:B] + (1 - cfg) * logits[B:]
+
+    def sample(self, logits: torch.Tensor, generator, top_k: int, top_p: float) -> torch.Tensor:
+        """Each bit of each token is a two-way choice: ``[B, l, 2d]`` -> bits ``[B, l, d]``."""
+        B, l, _ = logits.shape
+        return sample_top_k_top_p(logits.reshape(B, -1, 2), generator, top_k, top_p).reshape(B, l, -1)
+
+    def next_input(self, step: int, bits: torch.Tensor, aux, carry):
+        """Bits of ``step`` -> ``(next scale's input [2B, l, C] or None, summed codes)``: codes are
+        summed on the last grid (trilinear), and the sum, resampled to the next grid, is the input."""
+        (h, w), (H, W) = self.grids[step], self.grids[-1]
+        B, d = bits.shape[0], self.cfg.codebook_dim
+        codes = bits_to_codes(bits.reshape(B, h, w, d).unsqueeze(1).unsqueeze(-2), d).squeeze(-2)
+        codes = codes.permute(0, 4, 1, 2, 3)  # [B, d, 1, h, w]
+        if step == len(self.grids) - 1:
+            return None, codes if carry is None else carry + codes
+        up = F.interpolate(codes, size=(1, H, W), mode="trilinear")
+        carry = up if carry is None else carry + up
+        nh, nw = self.grids[step + 1]
+        nxt = F.interpolate(carry, size=(1, nh, nw), mode="trilinear").squeeze(-3)
+        x = self.word_embed(nxt.reshape(B, d, -1).permute(0, 2, 1))
+        return x.repeat(2, 1, 1), carry
