@@ -1,4 +1,4 @@
-"""The ``sparvar`` command: ``autotune``, ``configs``, ``plan``, ``bench``."""
+"""The ``sparvar`` command: ``autotune``, ``configs``, ``plan``, ``generate``, ``bench``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import SparvarError
 
@@ -60,6 +61,22 @@ def _parser() -> argparse.ArgumentParser:
                        "(query, key) pairs each sparse step computes.")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("generate", help="generate one image's tokens with the plan's attention, timed per scale",
+                       description="Next-scale generation with the project's own Infinity or VAR network (seeded "
+                       "random weights unless --weights names a checkpoint with the official parameter names), "
+                       "every attention as the plan says, a per-scale timing table and the peak memory. Without a "
+                       "decoder the output is the tokens and features (torch.save).")
+    _model_args(p)
+    p.add_argument("--seed", type=int, default=0, help="weights (when random), conditioning and sampling seed (default: 0)")
+    p.add_argument("--weights", default=None, help="checkpoint (.safetensors or torch) with the official parameter names")
+    p.add_argument("--plan", default="default", help="dense, default (tuned config of this GPU, else the authors' "
+                   "plan) or a plan/config JSON file (default: %(default)s)")
+    p.add_argument("--skip-last", type=int, default=0, help="stop this many scales early (default: 0)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: 3 for Infinity, 1.5 for VAR)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: 900 for Infinity, 600 for VAR)")
+    p.add_argument("--top-p", type=float, default=None, help="top-p sampling (default: 0.97 for Infinity, 0.8 for VAR)")
+    p.add_argument("--out", default=None, help="output file (default: sparvar-<model>-seed<seed>.pt)")
 
     p = sub.add_parser("bench", help="the attention benchmark at Infinity 1024 shapes (needs a GPU)",
                        description="Correctness first, then cuDNN and flash SDPA, FlexAttention with the identical "
@@ -139,6 +156,50 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    import time
+
+    import torch
+
+    from .pipeline import build_pipeline
+
+    if args.skip_last < 0:
+        raise SparvarError(f"--skip-last must be >= 0, got {args.skip_last}")
+    out = Path(args.out or f"sparvar-{args.model}-seed{args.seed}.pt")
+    if out.suffix != ".pt":
+        raise SparvarError(f"--out {out}: no image decoder is available here, so the output is tokens and "
+                           "features in a .pt file")
+    if not out.parent.is_dir():
+        raise SparvarError(f"--out {out}: the folder {out.parent} does not exist")
+    pipe = build_pipeline(args.model, args.resolution, plan=args.plan, weights=args.weights, seed=args.seed)
+    infinity = pipe.preset.family != "var"
+    opts = dict(cfg=args.cfg if args.cfg is not None else (3.0 if infinity else 1.5),
+                top_k=args.top_k if args.top_k is not None else (900 if infinity else 600),
+                top_p=args.top_p if args.top_p is not None else (0.97 if infinity else 0.8),
+                skip_last=args.skip_last)
+    cond = pipe.condition(args.seed)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        pipe.generator.generate(cond, seed=args.seed, **opts)  # compiles kernels, captures graphs
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = pipe.generator.generate(cond, seed=args.seed, **opts)
+    total = (time.perf_counter() - t0) * 1e3
+    print(f"{pipe.preset.name} {pipe.schedule.pixel_hw[0]}x{pipe.schedule.pixel_hw[1]}, plan: {pipe.plan_source}"
+          f"{'' if cuda else ' (Triton interpreter on the CPU: times say nothing about a GPU)'}")
+    print(f"{'scale':>5} {'grid':>9} {'kind of attention':<28} {'ms':>9}")
+    for step, ms in enumerate(result.scale_ms):
+        kinds = sorted({str(pipe.plan.kind(layer, step)) for layer in range(pipe.plan.depth)}) if pipe.plan else ["dense"]
+        h, w = pipe.schedule.grids[step]
+        print(f"{step:>5} {f'{h}x{w}':>9} {'+'.join(kinds):<28} {ms:>9.2f}")
+    print(f"total {total:.1f} ms" + (f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""))
+    torch.save({"model": pipe.preset.name, "seed": args.seed, "plan": pipe.plan_source,
+                "tokens": [t.cpu() for t in result.tokens], "features": result.features.float().cpu(),
+                "scale_ms": result.scale_ms}, out)
+    print(f"wrote {out} (tokens and features; no image decoder here)")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .benchmark import run_attention_benchmark
 
@@ -157,7 +218,8 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"autotune": _cmd_autotune, "configs": _cmd_configs, "plan": _cmd_plan, "bench": _cmd_bench}
+    commands = {"autotune": _cmd_autotune, "configs": _cmd_configs, "plan": _cmd_plan, "bench": _cmd_bench,
+                "generate": _cmd_generate}
     try:
         return commands[args.command](args)
     except SparvarError as e:

@@ -75,11 +75,13 @@ class StepDispatcher:
     each layer is kept from its decision step to its later steps; ``new_image()`` drops them
     before the next generation. ``kernels`` maps ``LaunchKey`` (launch at a step) to configs.
     ``plan=None`` is dense attention at every step (the baseline a sparse plan is measured
-    against).
+    against). ``skip_sparse=True`` makes every sparse step a no-op that returns ``q`` (an upper
+    bound on what faster sparse attention could gain; the outputs mean nothing).
     """
 
     def __init__(self, plan: SparsityPlan | None, schedule: Schedule, *, backend: Backend = Backend.KERNELS,
-                 kernels: dict[LaunchKey, KernelConfig] | None = None):
+                 kernels: dict[LaunchKey, KernelConfig] | None = None, skip_sparse: bool = False):
+        self.skip_sparse = skip_sparse
         if plan is not None:
             plan.check_schedule(schedule)
         self.plan, self.schedule, self.backend = plan, schedule, Backend(backend)
@@ -103,6 +105,8 @@ class StepDispatcher:
     def __call__(self, layer: int, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float = 1.0) -> torch.Tensor:
         kind = self.plan.kind(layer, step) if self.plan is not None else StepKind.DENSE
+        if self.skip_sparse and kind != StepKind.DENSE:
+            return q
         state = self._states.get(layer)
         if kind == StepKind.CS4A_SPARSE and state is None:
             raise ValueError(f"layer {layer} step {step} is cs4a_sparse but its decision step "

@@ -127,6 +127,14 @@ class NextScaleGenerator:
         S = self.schedule.num_scales
         if isinstance(skip_last, bool) or not isinstance(skip_last, int) or not 0 <= skip_last < S:
             raise ValueError(f"skip_last must be an int in [0, {S - 1}], got {skip_last!r}")
+        dtype = next(self.net.parameters()).dtype
+        # Reduced-precision weights run under autocast, as the official inference scripts do.
+        with torch.autocast(device_type=next(self.net.parameters()).device.type, dtype=dtype,
+                            enabled=dtype != torch.float32):
+            return self._generate(cond, seed, cfg, top_k, top_p, skip_last, generator)
+
+    def _generate(self, cond, seed, cfg, top_k, top_p, skip_last, generator) -> GenerationResult:
+        S = self.schedule.num_scales
         x, state = self.net.begin(cond)
         device = x.device
         if generator is None and seed is not None:

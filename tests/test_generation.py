@@ -1,0 +1,56 @@
+"""The generation path on the CPU preset: ``sparvar generate`` with the dense and the default
+(sparse) plan, the same tokens for the same seed, scale skipping, and clear errors."""
+
+import pytest
+import torch
+
+from sparvar.cli import main
+from sparvar.pipeline import build_pipeline
+
+
+def run(tmp_path, capsys, *args, name="out.pt"):
+    out = tmp_path / name
+    assert main(["generate", "--model", "tiny", "--out", str(out), *args]) == 0, capsys.readouterr().err
+    return torch.load(out, weights_only=True), capsys.readouterr().out
+
+
+def test_generate_dense_and_sparse_on_the_cpu_preset(tmp_path, capsys):
+    dense, text = run(tmp_path, capsys, "--plan", "dense", "--seed", "3", name="a.pt")
+    assert "dense attention at every step" in text and "interpreter" in text
+    again, _ = run(tmp_path, capsys, "--plan", "dense", "--seed", "3", name="b.pt")
+    assert len(dense["tokens"]) == 6
+    assert all(torch.equal(a, b) for a, b in zip(dense["tokens"], again["tokens"]))
+    sparse, text = run(tmp_path, capsys, "--seed", "3", name="c.pt")
+    assert "cs4a_decide" in text and "csla" in text
+    assert [t.shape for t in sparse["tokens"]] == [t.shape for t in dense["tokens"]]
+    skipped, _ = run(tmp_path, capsys, "--seed", "3", "--skip-last", "2", name="d.pt")
+    assert len(skipped["tokens"]) == 4 and skipped["features"].shape == sparse["features"].shape
+
+
+def test_dense_cli_tokens_equal_the_python_api(tmp_path, capsys):
+    cli, _ = run(tmp_path, capsys, "--plan", "dense", "--seed", "5")
+    pipe = build_pipeline("tiny", plan="dense", seed=5)
+    result = pipe.generator.generate(pipe.condition(5), seed=5, cfg=3.0, top_k=900, top_p=0.97)
+    assert all(torch.equal(a, b) for a, b in zip(cli["tokens"], result.tokens))
+
+
+def test_a_plan_file_is_used(tmp_path, capsys):
+    pipe = build_pipeline("tiny", plan="default")
+    path = tmp_path / "plan.json"
+    path.write_text(pipe.plan.to_json())
+    _, text = run(tmp_path, capsys, "--plan", str(path))
+    assert f"plan file {path}" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--skip-last", "6"], "skip_last must be an int in [0, 5], got 6"),
+    (["--skip-last", "-1"], "--skip-last must be >= 0"),
+    (["--plan", "nope.json"], "--plan must be dense, default or a plan/config file"),
+    (["--out", "x.png"], "no image decoder is available here"),
+    (["--weights", "missing.safetensors"], "--weights missing.safetensors: no such file"),
+])
+def test_generate_errors_are_one_line(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
