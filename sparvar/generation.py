@@ -111,13 +111,17 @@ class NextScaleGenerator:
             self._graphs.clear()
         if not (self.graphs and x.is_cuda):
             return self._cache, state
-        same = self._state is not None and self._state.keys() == state.keys() and all(
-            self._state[n].shape == t.shape and self._state[n].dtype == t.dtype for n, t in state.items())
-        if same:
+        def fits(old, new):
+            if isinstance(new, torch.Tensor):
+                return isinstance(old, torch.Tensor) and old.shape == new.shape and old.dtype == new.dtype
+            return old == new  # host values (text bounds) are baked into the captured graphs
+        if self._state is not None and self._state.keys() == state.keys() and all(
+                fits(self._state[n], t) for n, t in state.items()):
             for n, t in state.items():
-                self._state[n].copy_(t)
+                if isinstance(t, torch.Tensor):
+                    self._state[n].copy_(t)
         else:
-            self._state = {n: t.clone() for n, t in state.items()}
+            self._state = {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in state.items()}
             self._graphs.clear()
         return self._cache, self._state
 

@@ -131,11 +131,13 @@ class _CrossAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x: torch.Tensor | None, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None, kv_compact: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
+        """``bounds``: the prompts' row offsets in ``kv_compact`` (``cu_seqlens`` on the host, so
+        that nothing here waits for the GPU and a CUDA graph can capture it)."""
         N, H, D = kv_compact.shape[0], self.num_heads, self.head_dim
         kv = F.linear(kv_compact, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias))).view(N, 2, H, D)
         if self.for_attn_pool:
-            B, Lq = cu_seqlens.shape[0] - 1, 1
+            B, Lq = len(bounds) - 1, 1
             q = self.mat_q.repeat(B, 1, 1).to(kv.dtype)
         else:
             B, Lq = x.shape[:2]
@@ -143,7 +145,6 @@ class _CrossAttention(nn.Module):
         cast = q.dtype == torch.float32
         if cast:
             q, kv = q.to(torch.bfloat16), kv.to(torch.bfloat16)
-        bounds = cu_seqlens.tolist()
         out = []
         for b in range(B):
             qs = q[b * Lq:(b + 1) * Lq].transpose(0, 1)
@@ -171,8 +172,8 @@ class _TextAttentivePool(nn.Module):
         head_dim = 64 if D > 4096 else 128
         self.ca = _CrossAttention(D, Ct5, Ct5 // head_dim, for_attn_pool=True)
 
-    def forward(self, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        return self.ca(None, kv_compact, cu_seqlens).squeeze(1)
+    def forward(self, kv_compact: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
+        return self.ca(None, kv_compact, bounds).squeeze(1)
 
 
 class _SharedAdaLin(nn.Linear):
@@ -198,7 +199,7 @@ class InfinityBlock(nn.Module):
         q, k, v = self.sa.qkv(adaln_modulate(self.ln_wo_grad, x.float(), scale1, shift1))
         q, k = apply_rope(q, cond["rope"]), apply_rope(k, cond["rope"])
         x = x + self.sa.out(attend(q, k, v, self.sa.scale)).mul_(gamma1)
-        x = x + self.ca(self.ca_norm(x), cond["text"], cond["cu_seqlens"]).float()
+        x = x + self.ca(self.ca_norm(x), cond["text"], cond["bounds"]).float()
         return x + self.ffn(adaln_modulate(self.ln_wo_grad, x.float(), scale2, shift2)).mul(gamma2)
 
 
@@ -214,7 +215,8 @@ class InfinityNet(nn.Module):
         C, Ct5, d = cfg.embed_dim, cfg.text_channels, cfg.codebook_dim
         init_std = math.sqrt(1 / C / 3)
         g = torch.Generator().manual_seed(0)
-        uncond = torch.empty(cfg.text_maxlen, Ct5)
+        # Drawn on the CPU from a fixed seed (the official initial value), whatever the device.
+        uncond = torch.empty(cfg.text_maxlen, Ct5, device="cpu")
         nn.init.trunc_normal_(uncond, std=1.2, generator=g)
         self.cfg_uncond = nn.Parameter(uncond / Ct5 ** 0.5)
         self.text_norm = _RMSNorm(Ct5, cfg.norm_eps)
@@ -258,16 +260,17 @@ class InfinityNet(nn.Module):
         and the conditioning; the unconditional prompt is ``cfg_uncond`` cut to each length."""
         if self.rope is None:
             raise ValueError("call set_schedule(grids, reference_hw) before generating")
-        kv, cu = text.kv_compact, text.cu_seqlens
+        kv = text.kv_compact
         B = len(text.lens)
         uncond = torch.cat([self.cfg_uncond[:n] for n in text.lens]).to(kv.dtype)
         kv = self.text_norm(torch.cat((kv, uncond)))
-        cu = torch.cat((cu, cu[1:] + cu[-1]))
-        cond = self.text_proj_for_sos(kv, cu)
+        lens = list(text.lens) * 2
+        bounds = tuple(sum(lens[:i]) for i in range(len(lens) + 1))
+        cond = self.text_proj_for_sos(kv, bounds)
         kv = self.text_proj_for_ca(kv)
         x = cond.unsqueeze(1).expand(2 * B, 1, -1) + self.pos_start.expand(2 * B, 1, -1)
         gss = self.shared_ada_lin(cond.float()).float().contiguous()
-        return x, {"cond": cond, "gss": gss, "text": kv, "cu_seqlens": cu}
+        return x, {"cond": cond, "gss": gss, "text": kv, "bounds": bounds}
 
     def block_cond(self, state: dict, step: int) -> dict:
         lo = sum(h * w for h, w in self.grids[:step])

@@ -127,7 +127,9 @@ def build_pipeline(model: str, resolution: str | None = None, *, plan: str = "de
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     torch.manual_seed(seed)
-    net, aux = _net(preset, schedule, (h, w))
+    # Initialised on the device itself: an 8B network's random init on the CPU takes minutes.
+    with torch.device(device):
+        net, aux = _net(preset, schedule, (h, w))
     if weights is not None:
         _load_weights(net, weights)
     net = net.to(device, dtype).eval()
