@@ -95,7 +95,9 @@ class NextScaleGenerator:
         def attend_for(layer: int):
             def attend(q, k, v, scale):
                 k_all, v_all = cache.write(layer, lo, hi, k, v)
-                return self.dispatcher(layer, step, q, k_all, v_all, scale)
+                # Under autocast q and k leave their normalisation in fp32; the cache holds the
+                # network's dtype, and attention runs in it (as SDPA under autocast does).
+                return self.dispatcher(layer, step, q.to(k_all.dtype), k_all, v_all, scale)
             return attend
         return self.net.logits(self.net.run_blocks(x, self.net.block_cond(state, step), attend_for), state)
 
