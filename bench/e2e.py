@@ -60,6 +60,29 @@ def official_infinity(cfg: InfinityConfig, device: str, compiled_norms: bool):
         fused_op = importlib.import_module("infinity.models.fused_op")
         inf_mod.fused_ada_layer_norm = fused_op.fused_ada_layer_norm._torchdynamo_orig_callable
     torch._dynamo.config.cache_size_limit = 64
+    # Built on the device (an 8B model's init on the CPU takes minutes); the official init draws
+    # cfg_uncond from a CPU generator, which cannot fill a CUDA tensor: that one draw goes
+    # without it (the weights are random either way).
+    trunc_normal = torch.nn.init.trunc_normal_
+
+    def device_safe(tensor, *args, generator=None, **kwargs):
+        if generator is not None and generator.device != tensor.device:
+            generator = None
+        return trunc_normal(tensor, *args, generator=generator, **kwargs)
+    torch.nn.init.trunc_normal_ = device_safe
+    try:
+        model, quantizer = _build_official(inf_mod, bsq, cfg, device)
+    finally:
+        torch.nn.init.trunc_normal_ = trunc_normal
+    if device == "cuda":
+        for block in model.unregistered_blocks:
+            block.bfloat16()
+    model.eval().requires_grad_(False)
+    model.rng = torch.Generator(device=device)
+    return model, SimpleNamespace(quantizer=quantizer)
+
+
+def _build_official(inf_mod, bsq, cfg: InfinityConfig, device: str):
     with torch.device(device):
         quantizer = bsq.MultiScaleBSQ(dim=cfg.codebook_dim, codebook_size=2 ** cfg.codebook_dim)
         model = inf_mod.Infinity(
@@ -70,15 +93,11 @@ def official_infinity(cfg: InfinityConfig, device: str, compiled_norms: bool):
             add_lvl_embeding_only_first_block=int(cfg.add_lvl_embeding_only_first_block), use_bit_label=1,
             rope2d_each_sa_layer=1, rope2d_normalized_by_hw=2, pn="1M", inference_mode=True,
             train_h_div_w_list=[1.0], cos_attn=True)
-    if device == "cuda":
-        for block in model.unregistered_blocks:
-            block.bfloat16()
-    model.eval().requires_grad_(False)
-    model.rng = torch.Generator(device=device)
-    return model, SimpleNamespace(quantizer=quantizer)
+    return model, quantizer
 
 
-def run(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, kernels, device: str, runs: int) -> dict:
+def run(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, kernels, device: str, runs: int,
+        rows: list, save) -> None:
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
@@ -89,7 +108,6 @@ def run(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, kernels, 
     g = torch.Generator().manual_seed(0)
     text = TextCondition.from_features([torch.randn(24, cfg.text_channels, generator=g).to(device, dtype)])
     opts = dict(seed=0, cfg=3.0, top_k=900, top_p=0.97)
-    rows = []
 
     def record(impl, fn, scale_ms=None):
         if cuda:
@@ -100,6 +118,7 @@ def run(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, kernels, 
         if scale_ms is not None:
             row["scale_ms"] = [round(x, 3) for x in scale_ms(res)]
         rows.append(row)
+        save()
         print(f"{label:<24} {impl:<20} {ms:9.1f} ms   peak {row['peak_gib']} GiB", flush=True)
 
     for impl, the_plan, noop, skip in (("ours_dense", None, False, 0), ("ours_sparse", plan, False, 0),
@@ -125,7 +144,6 @@ def run(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, kernels, 
     del model
     if cuda:
         torch.cuda.empty_cache()
-    return {"model": label, "rows": rows}
 
 
 if __name__ == "__main__":
@@ -155,7 +173,8 @@ if __name__ == "__main__":
                 ref = infinity_schedule(f"{h / w:.3f}", "1M").grids[-1]
                 runs.append((f"{name} {res}", InfinityConfig.preset(name), s, ref, plan, kernels))
     for label, cfg, s, ref, plan, kernels in runs:
-        result["runs"].append(run(label, cfg, s, ref, plan, kernels, "cpu" if args.smoke else "cuda",
-                                  1 if args.smoke else args.runs))
-        path.write_text(json.dumps(result, indent=1))
+        entry = {"model": label, "rows": []}
+        result["runs"].append(entry)
+        run(label, cfg, s, ref, plan, kernels, "cpu" if args.smoke else "cuda", 1 if args.smoke else args.runs,
+            entry["rows"], lambda: path.write_text(json.dumps(result, indent=1)))
     print(f"wrote {path}")
