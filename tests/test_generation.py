@@ -54,3 +54,15 @@ def test_generate_errors_are_one_line(tmp_path, capsys, monkeypatch, args, messa
     assert main(["generate", "--model", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_weights_in_the_official_names_load(tmp_path, capsys):
+    """A checkpoint of the network (safetensors) drives generation: the tokens of a network built
+    from other seeded weights plus that file equal those of the network it came from."""
+    from safetensors.torch import save_file
+
+    source = build_pipeline("tiny", plan="dense", seed=9)
+    save_file({k: v.contiguous() for k, v in source.net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    cli, _ = run(tmp_path, capsys, "--plan", "dense", "--seed", "1", "--weights", str(tmp_path / "w.safetensors"))
+    want = source.generator.generate(source.condition(1), seed=1, cfg=3.0, top_k=900, top_p=0.97)
+    assert all(torch.equal(a, b) for a, b in zip(cli["tokens"], want.tokens))
