@@ -102,6 +102,10 @@ class StepDispatcher:
     def new_image(self) -> None:
         self._states.clear()
 
+    def drop_state(self, layer: int) -> None:
+        """Forget ``layer``'s CS4A state (its next generation has begun)."""
+        self._states.pop(layer, None)
+
     def __call__(self, layer: int, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float = 1.0) -> torch.Tensor:
         kind = self.plan.kind(layer, step) if self.plan is not None else StepKind.DENSE

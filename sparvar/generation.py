@@ -107,9 +107,11 @@ class NextScaleGenerator:
         copied into the tensors the captured graphs read."""
         shape = (len(self.net.blocks), x.shape[0], self.net.cfg.num_heads, self.schedule.offsets[-1],
                  self.net.cfg.embed_dim // self.net.cfg.num_heads)
-        if self._cache is None or tuple(self._cache.k.shape) != shape or self._cache.k.dtype != x.dtype \
+        # The cache holds what the blocks compute in (their weights' dtype).
+        dtype = next(self.net.blocks.parameters()).dtype
+        if self._cache is None or tuple(self._cache.k.shape) != shape or self._cache.k.dtype != dtype \
                 or self._cache.k.device != x.device:
-            self._cache = KVCache(*shape[:2], shape[2], shape[3], shape[4], x.dtype, x.device)
+            self._cache = KVCache(*shape[:2], shape[2], shape[3], shape[4], dtype, x.device)
             self._graphs.clear()
         if not (self.graphs and x.is_cuda):
             return self._cache, state
@@ -128,15 +130,14 @@ class NextScaleGenerator:
         return self._cache, self._state
 
     @torch.no_grad()
-    def generate(self, cond, *, seed: int | None = 0, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+    def generate(self, cond, *, seed: int | None = 0, cfg: float | list = 1.5, top_k: int = 0, top_p: float = 0.0,
                  skip_last: int = 0, generator: torch.Generator | None = None) -> GenerationResult:
         S = self.schedule.num_scales
         if isinstance(skip_last, bool) or not isinstance(skip_last, int) or not 0 <= skip_last < S:
             raise ValueError(f"skip_last must be an int in [0, {S - 1}], got {skip_last!r}")
-        dtype = next(self.net.parameters()).dtype
-        # Reduced-precision weights run under autocast, as the official inference scripts do.
-        with torch.autocast(device_type=next(self.net.parameters()).device.type, dtype=dtype,
-                            enabled=dtype != torch.float32):
+        block = next(self.net.blocks.parameters())
+        # Reduced-precision blocks run under autocast, as the official inference scripts do.
+        with torch.autocast(device_type=block.device.type, dtype=block.dtype, enabled=block.dtype != torch.float32):
             return self._generate(cond, seed, cfg, top_k, top_p, skip_last, generator)
 
     def _generate(self, cond, seed, cfg, top_k, top_p, skip_last, generator) -> GenerationResult:
@@ -151,7 +152,8 @@ class NextScaleGenerator:
         for step in range(S - skip_last):
             t0 = time.perf_counter()
             logits = self._run_scale(step, x, state, cache)
-            sampled = self.net.sample(self.net.guide(logits, step, cfg), generator, top_k, top_p)
+            guidance = cfg[step] if isinstance(cfg, (list, tuple)) else cfg
+            sampled = self.net.sample(self.net.guide(logits, step, guidance), generator, top_k, top_p)
             tokens.append(sampled)
             x, carry = self.net.next_input(step, sampled, self.aux, carry)
             if device.type == "cuda":

@@ -294,8 +294,8 @@ class InfinityNet(nn.Module):
 
     def guide(self, logits: torch.Tensor, step: int, cfg: float) -> torch.Tensor:
         """Guidance on the logits (the inference script's ``cfg_insertion_layer=0``) after the
-        temperature ``tau``: ``cfg * cond + (1 - cfg) * uncond``."""
-        logits = logits.mul(1 / self.tau)
+        temperature ``tau`` (one value, or one per scale): ``cfg * cond + (1 - cfg) * uncond``."""
+        logits = logits.mul(1 / (self.tau[step] if isinstance(self.tau, (list, tuple)) else self.tau))
         B = logits.shape[0] // 2
         return cfg * logits[:B] + (1 - cfg) * logits[B:]
 

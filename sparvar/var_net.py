@@ -10,7 +10,7 @@ and sends every attention through the plan's dispatcher.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +218,20 @@ class VQInput(nn.Module):
             self.quant_resi = _PhiShared(phi())
         else:
             self.quant_resi = _PhiPartiallyShared(nn.ModuleList([phi() for _ in range(cfg.share_quant_resi)]))
+
+    @classmethod
+    def from_module(cls, cfg: VARConfig, quantize: nn.Module) -> "VQInput":
+        """Sharing the parameters of an official ``VectorQuantizer2`` (nothing is copied); its
+        residual convolutions' sharing and ratio are read off it."""
+        resi = quantize.quant_resi
+        convs = resi.qresi_ls if hasattr(resi, "qresi_ls") else [resi.qresi] if hasattr(resi, "qresi") else list(resi)
+        share = len(resi.qresi_ls) if hasattr(resi, "qresi_ls") else 1 if hasattr(resi, "qresi") else 0
+        ratio = getattr(convs[0], "resi_ratio", 0.0)
+        with torch.device("meta"):
+            vq = cls(replace(cfg, share_quant_resi=share, quant_resi=ratio))
+        state = {k: v for k, v in quantize.state_dict().items() if not k.endswith("ema_vocab_hit_SV")}
+        vq.load_state_dict(state, strict=True, assign=True)
+        return vq
 
     @classmethod
     def from_vqvae_state(cls, cfg: VARConfig, state: dict) -> "VQInput":
