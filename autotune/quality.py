@@ -21,6 +21,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from sparvar.capture import read_calibration_folder
 from sparvar.dispatch import StepDispatcher
 from sparvar.errors import SparvarError
 from sparvar.kernels import default_config
@@ -58,8 +59,15 @@ def _read_calibration(path: str | Path):
 
 
 def load_calibration(path: str | Path, schedule, depth: int) -> dict:
-    """Load and validate; ``SparvarError`` names the layer, step and tensor that is wrong."""
-    data = _read_calibration(path)
+    """Load and validate a ``torch.save`` file or a folder written by ``sparvar capture``;
+    ``SparvarError`` names the layer, step and tensor that is wrong."""
+    if Path(path).is_dir():
+        data = read_calibration_folder(path)
+        if [tuple(g) for g in data["grids"]] != list(schedule.grids):
+            raise SparvarError(f"calibration folder {path} was captured on the schedule {data['grids']}, "
+                               f"not {[list(g) for g in schedule.grids]}")
+    else:
+        data = _read_calibration(path)
     layers = data.get("layers") if isinstance(data, dict) else None
     if not isinstance(layers, dict) or not layers:
         raise SparvarError(f"calibration file {path}: expected a dict with a non-empty 'layers' dict")

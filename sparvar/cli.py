@@ -78,6 +78,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="top-p sampling (default: 0.97 for Infinity, 0.8 for VAR)")
     p.add_argument("--out", default=None, help="output file (default: sparvar-<model>-seed<seed>.pt)")
 
+    p = sub.add_parser("capture", help="save a model's attention inputs as calibration data for the semantic search",
+                       description="Generate a few samples with dense attention and write q, k, v of chosen layers "
+                       "and scales to a calibration folder (bf16, one file per attention, written as they come; the "
+                       "size is estimated first). `sparvar autotune --calibration FOLDER --max-rel-error E` reads it. "
+                       "For an official model object use sparvar.integrations.capture.")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="the calibration folder to create (required)")
+    p.add_argument("--weights", default=None, help="checkpoint with the official parameter names (default: seeded "
+                   "random weights)")
+    p.add_argument("--samples", type=int, default=2, help="generations to capture (default: %(default)s)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers (default: first, middle, last)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="scales (default: the last four, which the "
+                   "semantic search reads)")
+    p.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
+
     p = sub.add_parser("bench", help="the attention benchmark at Infinity 1024 shapes (needs a GPU)",
                        description="Correctness first, then cuDNN and flash SDPA, FlexAttention with the identical "
                        "mask and the SparVAR kernels, timed as CUDA graph replays, with eager and host times beside.")
@@ -200,6 +215,34 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_capture(args) -> int:
+    from .capture import CalibrationWriter, RecordingDispatcher, estimate_bytes
+    from .pipeline import build_pipeline
+
+    if args.samples < 1:
+        raise SparvarError(f"--samples must be >= 1, got {args.samples}")
+    pipe = build_pipeline(args.model, args.resolution, plan="dense", weights=args.weights, seed=args.seed, graphs=False)
+    cfg, S = pipe.net.cfg, pipe.schedule.num_scales
+    layers = args.layers if args.layers is not None else [0, cfg.depth // 2, cfg.depth - 1]
+    steps = args.steps if args.steps is not None else list(range(max(0, S - 4), S))
+    bad = [x for x in layers if not 0 <= x < cfg.depth]
+    if bad:
+        raise SparvarError(f"--layers must be in [0, {cfg.depth - 1}], got {bad}")
+    size = estimate_bytes(pipe.schedule, layers, steps, args.samples, 2, cfg.num_heads, cfg.embed_dim // cfg.num_heads)
+    print(f"capturing {args.samples} samples x {len(set(layers))} layers x {len(set(steps))} scales of "
+          f"{pipe.preset.name}: about {size / 2**20:.1f} MiB in {args.out}", flush=True)
+    scale = (pipe.net.blocks[0].sa if hasattr(pipe.net.blocks[0], "sa") else pipe.net.blocks[0].attn).scale
+    writer = CalibrationWriter(args.out, pipe.schedule, layers, steps, scale=float(scale), model=pipe.preset.name,
+                               samples=args.samples)
+    dispatcher = RecordingDispatcher(None, pipe.schedule, writer=writer)
+    pipe.generator.dispatcher = dispatcher
+    for i in range(args.samples):
+        dispatcher.sample = i
+        pipe.generator.generate(pipe.condition(args.seed + i), seed=args.seed + i)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .benchmark import run_attention_benchmark
 
@@ -219,7 +262,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"autotune": _cmd_autotune, "configs": _cmd_configs, "plan": _cmd_plan, "bench": _cmd_bench,
-                "generate": _cmd_generate}
+                "generate": _cmd_generate, "capture": _cmd_capture}
     try:
         return commands[args.command](args)
     except SparvarError as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 
 from sparvar.reference import Schedule, SparsityPlan, default_plan
 
+from .capture import CalibrationWriter, RecordingDispatcher, estimate_bytes
 from .configs import find_config
 from .dispatch import StepDispatcher
 from .errors import SparvarError
@@ -34,7 +36,7 @@ from .infinity_net import InfinityConfig, InfinityNet, TextCondition
 from .models import MODELS
 from .var_net import VARConfig, VARNet, VQInput
 
-__all__ = ["patch", "unpatch", "accelerate", "AcceleratedModel"]
+__all__ = ["patch", "unpatch", "accelerate", "AcceleratedModel", "capture"]
 
 _PATCH = "_sparvar_patch"
 
@@ -70,8 +72,11 @@ class _PlanSource:
     family: str
     depth: int
     heads: int
+    writer: CalibrationWriter | None = None
 
     def dispatcher(self, schedule: Schedule) -> StepDispatcher:
+        if self.writer is not None:
+            return RecordingDispatcher(None, schedule, writer=self.writer)
         if isinstance(self.spec, SparsityPlan):
             return StepDispatcher(self.spec, schedule)
         if self.spec == "dense":
@@ -93,11 +98,14 @@ class _Patched:
         self.attns = _blocks(model, family)
         self.source = _PlanSource(plan, family, len(self.attns), self.attns[0].num_heads)
         self._dispatchers: dict = {}
+        self.sample = 0
 
     def dispatcher(self, grids: tuple) -> StepDispatcher:
         d = self._dispatchers.get(grids)
         if d is None:
             d = self._dispatchers[grids] = self.source.dispatcher(Schedule(grids))
+            if isinstance(d, RecordingDispatcher):
+                d.sample = self.sample
         return d
 
     def step_of(self, schedule: Schedule, cached: int) -> int:
@@ -285,3 +293,35 @@ def accelerate(model: nn.Module, vae=None, plan: str | SparsityPlan = "default")
     net.load_state_dict({k: state[k] for k in own}, strict=True, assign=True)
     net.eval()
     return AcceleratedModel(family, net, vae, plan)
+
+
+def capture(model: nn.Module, runs, folder, schedule: Schedule, *, layers=None, steps=None, batch: int = 2,
+            model_name: str = "official") -> Path:
+    """Calibration data from an official model: ``runs`` are callables, each one generation of
+    the model (one sample each); the attention inputs of ``layers`` (default: first, middle, last)
+    at ``steps`` (default: the last four scales, what the semantic search reads) are written to
+    ``folder`` as they come, under the dense plan. Prints the size it will take first."""
+    family = _family(model)
+    attns = _blocks(model, family)
+    depth = len(attns)
+    layers = sorted(set(layers if layers is not None else (0, depth // 2, depth - 1)))
+    S = schedule.num_scales
+    steps = sorted(steps if steps is not None else range(max(0, S - 4), S))
+    runs = list(runs)
+    size = estimate_bytes(schedule, layers, steps, len(runs), batch, attns[0].num_heads, attns[0].head_dim)
+    print(f"capturing {len(runs)} samples x {len(layers)} layers x {len(steps)} scales: about {size / 2**30:.2f} GiB "
+          f"in {folder}", flush=True)
+    writer = CalibrationWriter(folder, schedule, layers, steps, scale=float(attns[0].scale), model=model_name,
+                               samples=len(runs))
+    patch(model, plan="dense")
+    state = getattr(model, _PATCH)
+    state.source.writer = writer
+    try:
+        for i, run in enumerate(runs):
+            state.sample = i
+            for d in state._dispatchers.values():
+                d.sample = i
+            run()
+    finally:
+        unpatch(model)
+    return Path(folder)

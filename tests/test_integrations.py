@@ -118,3 +118,30 @@ def test_unsupported_models_are_refused_with_one_line():
     var, _ = official_var(VAR_CFG)
     with pytest.raises(SparvarError, match="needs its VQVAE"):
         integrations.accelerate(var)
+
+
+def test_captured_calibration_is_read_by_the_autotuner(tmp_path):
+    from sparvar.autotune.quality import load_calibration
+    from sparvar.cli import main
+
+    folder = tmp_path / "calib"
+    assert main(["capture", "--model", "tiny", "--out", str(folder), "--samples", "2"]) == 0
+    from sparvar.models import get_model, resolve_schedule
+    preset = get_model("tiny")
+    data = load_calibration(folder, resolve_schedule(preset, 128, 128), preset.depth)
+    assert sorted(data["layers"]) == [0, 2, 3]
+    q = data["layers"][0][5]["q"]
+    assert q.dtype == torch.bfloat16 and q.shape == (4, 2, 64, 16)  # 2 samples x CFG 2
+    assert main(["capture", "--model", "tiny", "--out", str(folder)]) == 2  # an existing folder is not overwritten
+
+
+def test_capture_from_an_official_model(tmp_path):
+    from sparvar.autotune.quality import load_calibration
+
+    model, quantizer = official_infinity(INF)
+    text = text_condition()
+    folder = integrations.capture(model, [lambda: infinity_run(model, quantizer, text, [])] * 2, tmp_path / "c",
+                                  SCHEDULE, layers=[1, 3])
+    data = load_calibration(folder, SCHEDULE, INF.depth)
+    assert sorted(data["layers"]) == [1, 3] and data["layers"][3][6]["k"].shape[2] == SCHEDULE.num_keys(6)
+    assert "forward" not in model.unregistered_blocks[0].sa.__dict__
