@@ -93,9 +93,16 @@ def _parser() -> argparse.ArgumentParser:
                    "semantic search reads)")
     p.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
 
-    p = sub.add_parser("bench", help="the attention benchmark at Infinity 1024 shapes (needs a GPU)",
-                       description="Correctness first, then cuDNN and flash SDPA, FlexAttention with the identical "
-                       "mask and the SparVAR kernels, timed as CUDA graph replays, with eager and host times beside.")
+    p = sub.add_parser("bench", help="benchmarks on this GPU: attention at Infinity 1024 shapes, or whole generations",
+                       description="attention: correctness first, then cuDNN and flash SDPA, FlexAttention with the "
+                       "identical mask and the SparVAR kernels, timed as CUDA graph replays, with eager and host times "
+                       "beside. e2e: whole Infinity generations, the official code (plain, patched, accelerated) "
+                       "against the project's dense, sparse, skip-2 and ceiling paths, in one run.")
+    p.add_argument("what", nargs="?", choices=["attention", "e2e"], default="attention",
+                   help="which benchmark (default: %(default)s)")
+    p.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"], help="e2e: models (default: both)")
+    p.add_argument("--resolutions", nargs="+", default=["1024x1024"], help="e2e: resolutions (default: 1024x1024)")
+    p.add_argument("--smoke", action="store_true", help="e2e: a small model on the CPU, to check the run")
     p.add_argument("--heads", type=int, nargs="+", default=[16, 28], help="head counts (default: 16 28)")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 11, 12], help="query scales (default: 10 11 12)")
     p.add_argument("--out", default="bench/results", help="results folder (default: %(default)s)")
@@ -244,6 +251,11 @@ def _cmd_capture(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.what == "e2e":
+        from .e2e import run_e2e
+
+        run_e2e(args.models, args.resolutions, out=args.out, smoke=args.smoke)
+        return 0
     from .benchmark import run_attention_benchmark
 
     run_attention_benchmark(args.heads, args.steps, args.out, flex=not args.no_flex)

@@ -66,3 +66,18 @@ def test_weights_in_the_official_names_load(tmp_path, capsys):
     cli, _ = run(tmp_path, capsys, "--plan", "dense", "--seed", "1", "--weights", str(tmp_path / "w.safetensors"))
     want = source.generator.generate(source.condition(1), seed=1, cfg=3.0, top_k=900, top_p=0.97)
     assert all(torch.equal(a, b) for a, b in zip(cli["tokens"], want.tokens))
+
+
+@pytest.mark.slow
+def test_end_to_end_benchmark_runs_every_row_on_the_cpu(tmp_path, monkeypatch):
+    """``sparvar bench e2e --smoke``: the official model plain, patched and accelerated, and the
+    project's four paths, in one run (a small model; the times mean nothing on the CPU)."""
+    import json
+
+    import upstream  # noqa: F401 - points SPARVAR_UPSTREAM at the official sources
+
+    assert main(["bench", "e2e", "--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.rglob("e2e.json")).read_text())["runs"][0]["rows"]
+    assert [r["impl"] for r in rows] == ["ours_dense", "ours_sparse", "ours_sparse_skip2", "ceiling_sparse_noop",
+                                         "official_eager", "official_patched", "official_accelerated"]
+    assert all(r["ms"] > 0 for r in rows)
