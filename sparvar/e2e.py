@@ -134,6 +134,8 @@ def _run_case(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, ker
         gen = NextScaleGenerator(net, schedule, StepDispatcher(the_plan, schedule, kernels=kernels, skip_sparse=noop),
                                  graphs=cuda)
         record(impl, lambda gen=gen, skip=skip: gen.generate(text, skip_last=skip, **opts), lambda r: r.scale_ms)
+        # Scales whose graph could not be captured ran eagerly: say so beside the time.
+        rows[-1]["graph_capture_failures"] = list(gen.capture_failures)
         del gen
     del net
     if cuda:

@@ -87,6 +87,8 @@ class NextScaleGenerator:
         self._graphs: dict = {}
         self._cache: KVCache | None = None
         self._state: dict | None = None
+        #: Why a scale's graph could not be captured (it then runs eagerly), one entry per failure.
+        self.capture_failures: list[str] = []
 
     def _scale(self, step: int, x: torch.Tensor, state, cache: KVCache) -> torch.Tensor:
         """One scale's transformer pass: ``x [2B, h*w, C]`` -> logits ``[2B, h*w, V]``."""
@@ -186,8 +188,9 @@ class NextScaleGenerator:
             with torch.cuda.graph(graph):
                 out = self._scale(step, static_x, state, cache)
         except RuntimeError as e:
-            warnings.warn(f"CUDA graph capture of scale {step} failed ({str(e).splitlines()[0]}); running it eagerly",
-                          stacklevel=3)
+            why = f"scale {step}: {str(e).splitlines()[0]}"
+            self.capture_failures.append(why)
+            warnings.warn(f"CUDA graph capture failed at {why}; running that scale eagerly", stacklevel=3)
             return static_x, None, self._scale(step, x, state, cache)
         graph.replay()
         return static_x, graph, out
