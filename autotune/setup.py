@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +66,6 @@ class TuneSetup:
     height: int
     width: int
     study_name: str
-    backends: dict[str, str] = field(default_factory=dict)
 
     def with_plan(self, plan: SparsityPlan) -> "TuneSetup":
         """The same setup for another plan (the semantic search's choice)."""
@@ -88,12 +87,11 @@ def build_setup(opts: AutotuneOptions) -> TuneSetup:
     h, w = parse_resolution(opts.resolution, preset)
     schedule = resolve_schedule(preset, h, w)
     plan = model_plan(preset, schedule)
-    backends = _usable_backends(preset)
-    usable = [b for b, ran in backends.items() if b == ran]
+    usable = [b for b, ran in _usable_backends(preset).items() if b == ran]
     space = available_space(SPACE if torch.cuda.is_available() else CPU_SPACE, usable)
     spec = MeasurerSpec(plan, schedule.grids, preset.batch, preset.heads, preset.head_dim, opts.seed)
     name = opts.study_name or f"{sanitize(gpu_name())}-{preset.name}-{h}x{w}"
-    return TuneSetup(preset, schedule, plan, plan_units(plan), space, spec, h, w, name, backends)
+    return TuneSetup(preset, schedule, plan, plan_units(plan), space, spec, h, w, name)
 
 
 def check_output_dir(path: str | Path) -> Path:

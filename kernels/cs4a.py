@@ -49,17 +49,16 @@ def _launch_args(q: torch.Tensor) -> dict:
 @dataclass(frozen=True)
 class _DensePlan:
     backend: DenseBackend
-    why: str
     triton: AttentionLaunch | None
 
 
 def _dense_plan(q, config: KernelConfig) -> _DensePlan:
-    backend, why = dense_backend_for(config, q)
+    backend, _ = dense_backend_for(config, q)
     launch = None
     if backend is DenseBackend.TRITON:
         launch = AttentionLaunch(**_launch_args(q), config=config, name="cs4a_dense", kv_dense=True, store_lse=True,
                                  q_idx=dense_tiles(q.shape[2], config.block_m).to(q.device))
-    return _DensePlan(backend, why, launch)
+    return _DensePlan(backend, launch)
 
 
 def dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *,

@@ -43,6 +43,8 @@ class CalibrationWriter:
         except OSError as e:
             raise SparvarError(f"calibration folder {self.folder} cannot be created: {e.strerror or e}") from None
         self.schedule, self.layers, self.steps = schedule, sorted(layers), sorted(steps)
+        #: The sample being captured (set by whoever runs the generations).
+        self.sample = 0
         for s in self.steps:
             schedule.check_step(s)
         self.meta = {"format": "sparvar-calibration-1", "model": model, "grids": schedule.to_json(), "scale": scale,
@@ -52,11 +54,11 @@ class CalibrationWriter:
     def wants(self, layer: int, step: int) -> bool:
         return layer in self.layers and step in self.steps
 
-    def add(self, sample: int, layer: int, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def add(self, layer: int, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         from safetensors.torch import save
 
         tensors = {n: t.detach().to("cpu", torch.bfloat16).contiguous() for n, t in (("q", q), ("k", k), ("v", v))}
-        self._write(self.folder / f"s{sample}_l{layer}_t{step}.safetensors", save(tensors))
+        self._write(self.folder / f"s{self.sample}_l{layer}_t{step}.safetensors", save(tensors))
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
@@ -67,15 +69,15 @@ class CalibrationWriter:
 
 class RecordingDispatcher(StepDispatcher):
     """A dispatcher that hands the attention inputs of the (layer, step) pairs ``writer`` wants to
-    it (with the current ``sample`` index) and then attends as usual."""
+    it and then attends as usual."""
 
     def __init__(self, *args, writer: CalibrationWriter, **kwargs):
         super().__init__(*args, **kwargs)
-        self.writer, self.sample = writer, 0
+        self.writer = writer
 
     def __call__(self, layer, step, q, k, v, scale=1.0):
         if self.writer.wants(layer, step):
-            self.writer.add(self.sample, layer, step, q, k, v)
+            self.writer.add(layer, step, q, k, v)
         return super().__call__(layer, step, q, k, v, scale)
 
 

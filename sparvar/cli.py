@@ -244,7 +244,7 @@ def _cmd_capture(args) -> int:
     dispatcher = RecordingDispatcher(None, pipe.schedule, writer=writer)
     pipe.generator.dispatcher = dispatcher
     for i in range(args.samples):
-        dispatcher.sample = i
+        writer.sample = i
         pipe.generator.generate(pipe.condition(args.seed + i), seed=args.seed + i)
     print(f"wrote {args.out}")
     return 0

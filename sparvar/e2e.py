@@ -38,7 +38,7 @@ from .generation import NextScaleGenerator
 from .hardware import gpu_name, sanitize, software_versions
 from .infinity_net import InfinityConfig, InfinityNet, TextCondition
 from .models import get_model, parse_resolution, resolve_schedule
-from .pipeline import resolve_plan
+from .pipeline import infinity_reference_grid, resolve_plan
 
 __all__ = ["run_e2e"]
 
@@ -143,11 +143,12 @@ def _run_case(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, ker
     model, vae = official_infinity(cfg, device, compiled_norms=cuda)
     text32 = TextCondition(text.kv_compact.float(), text.lens, text.cu_seqlens, text.max_len)
     S = schedule.num_scales
+    sched = [(1, h, w) for h, w in schedule.grids]
 
     def official_run():
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cuda):
             return model.autoregressive_infer_cfg(
-                vae=vae, scale_schedule=[(1, h, w) for h, w in schedule.grids], label_B_or_BLT=text32.as_tuple(),
+                vae=vae, scale_schedule=sched, label_B_or_BLT=text32.as_tuple(),
                 B=1, g_seed=0, cfg_list=[3.0] * S, tau_list=[1.0] * S, top_k=900, top_p=0.97, returns_vemb=1,
                 cfg_insertion_layer=[0], vae_type=1, ret_img=False, inference_mode=True)
     record("official_eager", official_run)
@@ -156,13 +157,9 @@ def _run_case(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, ker
     record("official_patched", official_run)
     integrations.unpatch(model)
     fast = integrations.accelerate(model, plan="default")
-    sched = [(1, h, w) for h, w in schedule.grids]
     record("official_accelerated", lambda: fast.generate(text32.as_tuple(), sched, [3.0] * S, [1.0] * S, g_seed=0,
                                                          top_k=900, top_p=0.97, reference_hw=reference_hw),
            lambda r: r.scale_ms)
-    del model, fast
-    if cuda:
-        torch.cuda.empty_cache()
 
 
 def run_e2e(models=("infinity-2b", "infinity-8b"), resolutions=("1024x1024",), runs: int = 3,
@@ -188,12 +185,14 @@ def run_e2e(models=("infinity-2b", "infinity-8b"), resolutions=("1024x1024",), r
                 h, w = parse_resolution(res, preset)
                 s = resolve_schedule(preset, h, w)
                 plan, kernels, _ = resolve_plan("default", preset, h, w, s)
-                ref = infinity_schedule(f"{h / w:.3f}", "1M").grids[-1]
-                cases.append((f"{name} {res}", InfinityConfig.preset(name), s, ref, plan, kernels))
+                cases.append((f"{name} {res}", InfinityConfig.preset(name), s, infinity_reference_grid(h, w), plan,
+                              kernels))
     for label, cfg, s, ref, plan, kernels in cases:
         entry = {"model": label, "rows": []}
         result["runs"].append(entry)
         _run_case(label, cfg, s, ref, plan, kernels, "cpu" if smoke else "cuda", 1 if smoke else runs, entry["rows"],
             lambda: path.write_text(json.dumps(result, indent=1)))
+        if not smoke:
+            torch.cuda.empty_cache()  # the case's models are gone with its frame
     print(f"wrote {path}")
     return path

@@ -33,6 +33,7 @@ from .dispatch import StepDispatcher
 from .errors import SparvarError
 from .generation import GenerationResult, NextScaleGenerator
 from .infinity_net import InfinityConfig, InfinityNet, TextCondition
+from .layers import project_qkv
 from .models import MODELS
 from .var_net import VARConfig, VARNet, VQInput
 
@@ -98,14 +99,11 @@ class _Patched:
         self.attns = _blocks(model, family)
         self.source = _PlanSource(plan, family, len(self.attns), self.attns[0].num_heads)
         self._dispatchers: dict = {}
-        self.sample = 0
 
     def dispatcher(self, grids: tuple) -> StepDispatcher:
         d = self._dispatchers.get(grids)
         if d is None:
             d = self._dispatchers[grids] = self.source.dispatcher(Schedule(grids))
-            if isinstance(d, RecordingDispatcher):
-                d.sample = self.sample
         return d
 
     def step_of(self, schedule: Schedule, cached: int) -> int:
@@ -122,6 +120,17 @@ class _Patched:
         return dispatcher(layer, step, q.to(dtype), k.to(dtype), v, scale)
 
 
+def _append_to_cache(attn, k: torch.Tensor, v: torch.Tensor):
+    """The official KV cache (concatenation along the tokens): ``(tokens held before, k, v)``."""
+    if attn.cached_k is None:
+        attn.cached_k, attn.cached_v = k, v
+        return 0, k, v
+    cached = attn.cached_k.shape[2]
+    attn.cached_k = torch.cat((attn.cached_k, k), dim=2)
+    attn.cached_v = torch.cat((attn.cached_v, v), dim=2)
+    return cached, attn.cached_k, attn.cached_v
+
+
 def _infinity_forward(sa, layer: int, patch: _Patched, original):
     basic = sys.modules[type(sa).__module__]
 
@@ -129,9 +138,7 @@ def _infinity_forward(sa, layer: int, patch: _Patched, original):
         if not sa.caching or attn_bias_or_two_vector is not None or sa.using_flash or scale_schedule is None:
             return original(x, attn_bias_or_two_vector, attn_fn, scale_schedule, rope2d_freqs_grid, scale_ind)
         B, L, C = x.shape
-        bias = torch.cat((sa.q_bias, sa.zero_k_bias, sa.v_bias))
-        q, k, v = F.linear(input=x, weight=sa.mat_qkv.weight, bias=bias).view(
-            B, L, 3, sa.num_heads, sa.head_dim).permute(2, 0, 3, 1, 4).unbind(dim=0)
+        q, k, v = project_qkv(sa, x)
         if sa.cos_attn:
             scale_mul = sa.scale_mul_1H11.clamp_max(sa.max_scale_mul).exp()
             q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul).contiguous()
@@ -142,12 +149,7 @@ def _infinity_forward(sa, layer: int, patch: _Patched, original):
         if rope2d_freqs_grid is not None:
             q, k = basic.apply_rotary_emb(q, k, scale_schedule, rope2d_freqs_grid, sa.pad_to_multiplier,
                                           sa.rope2d_normalized_by_hw, scale_ind)
-        cached = 0 if sa.cached_k is None else sa.cached_k.shape[2]
-        if sa.cached_k is None:
-            sa.cached_k, sa.cached_v = k, v
-        else:
-            k = sa.cached_k = torch.cat((sa.cached_k, k), dim=2)
-            v = sa.cached_v = torch.cat((sa.cached_v, v), dim=2)
+        cached, k, v = _append_to_cache(sa, k, v)
         grids = tuple((h, w) for _, h, w in scale_schedule)
         out = patch.attend(layer, grids, cached, q, k, v, sa.scale)
         return sa.proj_drop(sa.proj(out.transpose(1, 2).reshape(B, L, C)))
@@ -161,19 +163,12 @@ def _var_forward(attn, layer: int, patch: _Patched, original, patch_nums):
         if not attn.caching or attn_bias is not None or attn.using_flash or attn.using_xform:
             return original(x, attn_bias)
         B, L, C = x.shape
-        bias = torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias))
-        q, k, v = F.linear(input=x, weight=attn.mat_qkv.weight, bias=bias).view(
-            B, L, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(dim=0)
+        q, k, v = project_qkv(attn, x)
         if attn.attn_l2_norm:
             scale_mul = attn.scale_mul_1H11.clamp_max(attn.max_scale_mul).exp()
             q = F.normalize(q, dim=-1).mul(scale_mul)
             k = F.normalize(k, dim=-1)
-        cached = 0 if attn.cached_k is None else attn.cached_k.shape[2]
-        if attn.cached_k is None:
-            attn.cached_k, attn.cached_v = k, v
-        else:
-            k = attn.cached_k = torch.cat((attn.cached_k, k), dim=2)
-            v = attn.cached_v = torch.cat((attn.cached_v, v), dim=2)
+        cached, k, v = _append_to_cache(attn, k, v)
         out = patch.attend(layer, grids, cached, q, k, v, attn.scale)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, L, C)))
     return forward
@@ -318,9 +313,7 @@ def capture(model: nn.Module, runs, folder, schedule: Schedule, *, layers=None, 
     state.source.writer = writer
     try:
         for i, run in enumerate(runs):
-            state.sample = i
-            for d in state._dispatchers.values():
-                d.sample = i
+            writer.sample = i
             run()
     finally:
         unpatch(model)

@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SelfAttention", "FFN", "AdaLNBeforeHead", "adaln_modulate"]
+__all__ = ["SelfAttention", "FFN", "AdaLNBeforeHead", "adaln_modulate", "project_qkv"]
+
+
+def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [B, L, C]`` -> ``q, k, v [B, H, L, D]`` through ``mat_qkv`` with the zero key bias: the
+    projection of this module and of the official modules it mirrors (same attribute names)."""
+    B, L, _ = x.shape
+    bias = torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias))
+    return F.linear(x, attn.mat_qkv.weight, bias).view(B, L, 3, attn.num_heads, attn.head_dim).permute(
+        2, 0, 3, 1, 4).unbind(0)
 
 
 class SelfAttention(nn.Module):
@@ -42,10 +51,7 @@ class SelfAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, L, C]`` -> ``q, k, v [B, H, L, D]`` (normalised and scaled for cosine attention)."""
-        B, L, _ = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim).permute(
-            2, 0, 3, 1, 4).unbind(0)
+        q, k, v = project_qkv(self, x)
         if self.cos_attn:
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
             q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul)

@@ -25,7 +25,7 @@ from .infinity_net import InfinityConfig, InfinityNet, TextCondition
 from .models import ModelPreset, get_model, model_plan, parse_resolution, resolve_schedule
 from .var_net import VARConfig, VARNet, VQInput
 
-__all__ = ["Pipeline", "build_pipeline", "resolve_plan", "TINY_INFINITY"]
+__all__ = ["Pipeline", "build_pipeline", "resolve_plan", "infinity_reference_grid", "TINY_INFINITY"]
 
 #: The CPU preset's network: an Infinity-style stack with the tiny model's shapes (depth 4,
 #: 2 heads of 16 channels, an FFN of 256), 8-bit codes and 128-channel text features.
@@ -82,6 +82,11 @@ def resolve_plan(spec: str, preset: ModelPreset, height: int, width: int, schedu
     return plan, {}, f"plan file {path}"
 
 
+def infinity_reference_grid(height: int, width: int) -> tuple[int, int]:
+    """The grid Infinity's RoPE positions are scaled to: the last 1M grid of the image's aspect ratio."""
+    return infinity_schedule(f"{height / width:.3f}", "1M").grids[-1]
+
+
 def _net(preset: ModelPreset, schedule: Schedule, resolution: tuple[int, int]):
     if preset.family == "var":
         cfg = VARConfig.preset(preset.depth, patch_nums=[h for h, _ in schedule.grids])
@@ -91,8 +96,7 @@ def _net(preset: ModelPreset, schedule: Schedule, resolution: tuple[int, int]):
     if preset.family == "tiny":
         reference = schedule.grids[-1]
     else:
-        ratio = f"{resolution[0] / resolution[1]:.3f}"
-        reference = infinity_schedule(ratio if ratio != "1.000" else "1.000", "1M").grids[-1]
+        reference = infinity_reference_grid(*resolution)
     net.set_schedule(schedule.grids, reference)
     return net, None
 

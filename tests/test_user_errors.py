@@ -88,7 +88,7 @@ def test_config_for_another_schedule_or_depth_is_skipped_or_refused(tmp_path, ca
     monkeypatch.setenv(C.ENV_VAR, str(tmp_path / "cfgs"))
     one_line_error(capsys, ["configs", "--model", "tiny", "--strict"], field)
     assert main(["configs", "--model", "tiny"]) == 0
-    assert f"skipped: " in capsys.readouterr().out
+    assert "skipped: " in capsys.readouterr().out
     with pytest.warns(UserWarning, match=field):
         attn = SparseAttention.for_model("tiny")
     # The model's own default plan, whole, never the file's in part.
