@@ -208,11 +208,25 @@ def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     epilogue = Epilogue.ADD_RESIDUAL if params.residual else Epilogue.NONE
     launch = _PLANS.get(("sparse", schedule, step, params, cfg, signature(q, k, v)),
                         lambda: _group_launch(q, k, v, schedule, step, params, cfg, "cs4a_sparse", epilogue))
-    # What the state holds can change between calls: its check is cheap (shapes and devices).
+    kept, res = _state_tables(state, q, schedule, params)
+    return launch(q, k, v, scale, kept=kept, res=res)[0]
+
+
+def _state_tables(state: CS4AState, q: torch.Tensor, schedule: Schedule, params: CS4AParams):
+    """``state``'s kept sets and residual as the kernel reads them, checked against the inputs.
+    What a state holds can change between calls (its tensors may be replaced), so the check and
+    the tables are kept on the state itself, with the tensors and inputs they were made for, and
+    made again when any of them changes."""
+    made_for = (state.decision_scale, schedule, params, q.shape[0], q.shape[1], q.shape[3], q.device)
+    cached = getattr(state, "_kernel_tables", None)
+    if cached is not None and cached[0] is state.kept and cached[1] is state.residual and cached[2] == made_for:
+        return cached[3]
     check_state(state, q, schedule, params)
     res = None
     if params.residual:
         if state.residual.device != q.device:
             raise ValueError(f"state.residual is on {state.residual.device}, the inputs on {q.device}")
         res = state.residual.reshape(*state.residual.shape[:2], -1, state.residual.shape[-1])
-    return launch(q, k, v, scale, kept=kept_table(state.kept, q), res=res)[0]
+    tables = (kept_table(state.kept, q), res)
+    state._kernel_tables = (state.kept, state.residual, made_for, tables)
+    return tables

@@ -127,28 +127,22 @@ class _Launcher:
         self.kernel, self.grid, self.name, self.config = kernel, grid, name, config
         self.heuristics = getattr(kernel, "values", {})
         self.names = getattr(kernel, "fn", kernel).arg_names
-        # Flags derived from which tensors are absent: fixed for one launch's callers.
-        self._derived: dict = {}
         self._runners: dict = {}
 
-    def __call__(self, spec, kwargs: dict) -> None:
+    def __call__(self, spec, args: list) -> None:
+        """``args``: every argument in the kernel's order, flags the heuristics derive included."""
         runner = self._runners.get(spec)
         if runner is not None:
-            kwargs.update(self._derived)
-            runner(*[kwargs[n] for n in self.names])
+            runner(*args)
             return
+        kwargs = {n: a for n, a in zip(self.names, args) if n not in self.heuristics}
         compiled = _launch(self.kernel, self.grid, self.name, self.config, **kwargs)
         if compiled is not None and not interpreting():
-            self._derived = {n: f(kwargs) for n, f in self.heuristics.items()}
             # The compiled kernel's runner reads all three grid dimensions.
             self._runners[spec] = compiled[tuple(self.grid) + (1,) * (3 - len(self.grid))]
 
 
-def _strides(t: torch.Tensor | None, n: int = 4) -> tuple:
-    return t.stride() if t is not None else (0,) * n
-
-
-_STRIDES = {name: tuple(f"stride_{name[0]}{d}" for d in "bhld") for name in ("q", "k", "v", "o", "res")}
+_NO_STRIDES = (0, 0, 0, 0)
 
 
 class AttentionLaunch:
@@ -159,8 +153,10 @@ class AttentionLaunch:
     ``kv_idx``/``kv_len``/``kv_bits`` are CSLA key lists and masks; ``tile_src`` with the kept
     sets passed per call; ``tile_band``/``row_band`` CS4A band ranges; ``res_idx``/``res_w`` the
     residual's bilinear taps (``Epilogue.ADD_RESIDUAL``). ``values=False`` computes the
-    log-sum-exp alone. With values, a second launch of the ``SAFE`` variant recomputes the tiles
-    the first flagged as holding non-finite results (``sparse_attn.py``).
+    log-sum-exp alone.
+
+    The arguments are laid out once in the kernel's order (the heuristics' flags included); a
+    call fills in the slots that change and launches the compiled kernel directly.
     """
 
     def __init__(self, *, batch_heads: tuple[int, int], head_dim: int, dtype: torch.dtype, config: KernelConfig,
@@ -171,41 +167,58 @@ class AttentionLaunch:
                  res_idx: torch.Tensor | None = None, res_w: torch.Tensor | None = None,
                  store_lse: bool = False, values: bool = True):
         B, H = batch_heads
-        self.values, self.store_lse = values, store_lse
-        grid = (q_idx.shape[0], B * H)
-        self.num_flags = grid[0] * grid[1]
-        self._main = _Launcher(_sparse_attn_fwd_kernel, grid, name, config)
-        self._fix = _Launcher(_sparse_attn_fwd_kernel, grid, f"{name} (non-finite tiles)", config)
-        self.static = dict(
+        self.values, self.store_lse, self.has_kept = values, store_lse, tile_src is not None
+        self._launcher = _Launcher(_sparse_attn_fwd_kernel, (q_idx.shape[0], B * H), name, config)
+        fixed = dict(
             q_idx=q_idx, kv_idx=kv_idx, kv_len=kv_len, kv_bits=kv_bits, tile_src=tile_src, tile_band=tile_band,
             row_band=row_band, res_idx=res_idx, res_w=res_w, H=H,
             NK=kv_idx.shape[1] if kv_idx is not None else 0, NB=row_band.shape[1] if row_band is not None else 0,
             BM=config.block_m, BN=config.block_n, D=head_dim, NWORDS=kv_bits.shape[2] if kv_bits is not None else 1,
-            KV_DENSE=kv_dense, EPILOGUE=int(epilogue), IEEE=dtype == torch.float32)
+            KV_DENSE=kv_dense, EPILOGUE=int(epilogue), IEEE=dtype == torch.float32,
+            # What the heuristics derive from absent tensors, fixed for this launch's callers.
+            HAS_V=values, STORE_LSE=store_lse, HAS_KEPT=self.has_kept, HAS_LIST=kv_idx is not None,
+            TOKEN_MASK=kv_bits is not None, HAS_BANDS=tile_band is not None)
+        names = self._launcher.names
+        self._template = [fixed.get(n) for n in names]
+        at = names.index
+        self._tensors = at("q")  # q, k, v, o, lse, res are consecutive
+        self._kept = at("kept")
+        self._strides = at("stride_qb")  # q, k, v, o, res strides: 20 consecutive
+        self._sizes = at("L"), at("NQ"), at("n_keep"), at("n_src"), at("qk_scale")
+        if names[self._tensors:self._tensors + 6] != ["q", "k", "v", "o", "lse", "res"] or \
+                names[self._strides + 19] != "stride_rd":
+            raise RuntimeError("_sparse_attn_fwd_kernel's argument order changed; update AttentionLaunch")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float, *,
                  kept: torch.Tensor | None = None, res: torch.Tensor | None = None):
         """``(out or None, lse or None)``; ``kept`` ``[B*H, n_src_groups, n_keep]`` int32,
         ``res`` ``[B, H, n, D]`` (the residual to up-sample, or the dense output)."""
         B, H, NQ, D = q.shape
-        values = self.values
-        out = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype) if values else None
+        # Stored token-major ([B, NQ, H, D] in memory, as flash attention stores it), so that the
+        # output projection reads it as [B, NQ, H*D] without a copy.
+        out = _empty(B, NQ, H, D, device=q.device, dtype=q.dtype).transpose(1, 2) if self.values else None
         lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32) if self.store_lse else None
-        flags = torch.empty(self.num_flags, device=q.device, dtype=torch.int32) if values else None
-        kw = dict(self.static, q=q, k=k, v=v if values else None, o=out, lse=lse, res=res, flags=flags, kept=kept,
-                  L=k.shape[2], NQ=NQ, n_keep=kept.shape[2] if kept is not None else 0,
-                  n_src=kept.shape[1] if kept is not None else 1, qk_scale=scale * LOG2E, SAFE=False)
-        strides = []
-        for name, t in (("q", q), ("k", k), ("v", v), ("o", out), ("res", res)):
-            st = t.stride() if t is not None else (0, 0, 0, 0)
-            kw.update(zip(_STRIDES[name], st))
-            strides.append(st)
-        spec = (tuple(strides), k.shape[2], NQ, kw["n_keep"], kw["n_src"],
-                tuple(t.data_ptr() % 16 for t in (q, k, v, res, kept) if t is not None))
-        self._main(spec, kw)
-        if values:
-            kw["SAFE"] = True
-            self._fix(spec, kw)
+        if self.values:
+            strides = q.stride() + k.stride() + v.stride() + out.stride() + (
+                res.stride() if res is not None else _NO_STRIDES)
+        else:
+            v = None
+            strides = q.stride() + k.stride() + _NO_STRIDES + _NO_STRIDES + _NO_STRIDES
+        n_keep, n_src = (kept.shape[2], kept.shape[1]) if kept is not None else (0, 1)
+        L = k.shape[2]
+        args = self._template.copy()
+        i = self._tensors
+        args[i:i + 6] = q, k, v, out, lse, res
+        args[self._kept] = kept
+        args[self._strides:self._strides + 20] = strides
+        i_l, i_nq, i_keep, i_src, i_scale = self._sizes
+        args[i_l], args[i_nq], args[i_keep], args[i_src], args[i_scale] = L, NQ, n_keep, n_src, scale * LOG2E
+        # Triton specialises each pointer on whether it is 16-byte aligned: one bit per pointer.
+        align = 0
+        for bit, t in enumerate((q, k, v, res, kept)):
+            if t is not None and t.data_ptr() & 15 == 0:
+                align |= 1 << bit
+        self._launcher((strides, L, NQ, n_keep, n_src, align), args)
         return out, lse
 
 

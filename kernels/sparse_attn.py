@@ -12,10 +12,10 @@ An absent tensor is passed as ``None`` and the flag that uses it follows from th
 
 Non-finite inputs follow ``sparvar.reference.attention``: NaN or +inf scores poison their row
 through the softmax itself. A value row with a NaN or an infinity would also leak into rows that
-may not see it (0 * NaN is NaN inside the product), so each launch flags tiles whose result
-holds anything non-finite, and a second launch of a separately compiled ``SAFE`` variant
-computes those tiles again with values checked key by key; other tiles return at once. On finite
-inputs that costs one flag store per tile and a launch of programs that exit.
+may not see it (0 * NaN is NaN inside the product), so a program whose tile result holds anything
+non-finite computes the tile again with values checked key by key (``SAFE``). On finite inputs
+that costs one reduction per tile; one launch does everything (a second launch for the redo cost
+a launch's host time, more than the kernel at small scales).
 
 Scores are kept in the log2 domain (``qk * scale * log2(e)``) so the softmax uses ``exp2``.
 """
@@ -148,6 +148,67 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
     return acc, m_i, l_i, bad
 
 
+@triton.jit
+def _tile(q, k, v, o, lse, res, q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, res_idx, res_w,
+          i_t, i_bh, stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+          stride_vb, stride_vh, stride_vl, stride_vd, stride_ob, stride_oh, stride_ol, stride_od,
+          stride_rb, stride_rh, stride_rl, stride_rd, H, L, NQ, NK, n_keep, n_src, NB, qk_scale,
+          BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, NWORDS: tl.constexpr, KV_DENSE: tl.constexpr,
+          EPILOGUE: tl.constexpr, IEEE: tl.constexpr, SAFE: tl.constexpr, HAS_V: tl.constexpr,
+          STORE_LSE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_LIST: tl.constexpr, TOKEN_MASK: tl.constexpr,
+          HAS_BANDS: tl.constexpr):
+    """Attention of query tile ``i_t`` of (batch, head) ``i_bh``, stored; returns whether the
+    result holds anything non-finite (only looked at when ``SAFE`` is off)."""
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    b_qi = tl.load(q_idx + i_t * BM + o_m)
+    m_q = b_qi >= 0
+    b_qi64 = b_qi.to(tl.int64)
+    q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    k += i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    if HAS_V:
+        v += i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
+    b_q = tl.load(q + b_qi64[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_q[:, None], other=0.0)
+
+    acc, m_i, l_i, bad = _visit_keys(
+        b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, i_t, i_bh,
+        stride_kl, stride_kd, stride_vl, stride_vd, L, NK, n_keep, n_src, NB, qk_scale,
+        BM, BN, D, NWORDS, KV_DENSE, HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, HAS_V, SAFE, IEEE)
+    # x * 0 is 0 for a finite x and NaN otherwise.
+    nonfinite = tl.sum(tl.where(m_q[:, None], (acc * 0.0 != 0).to(tl.int32), 0)) > 0
+
+    if STORE_LSE:
+        # Rows with nothing allowed have l = 0: lse = -inf. NaN stays NaN.
+        b_lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453,
+                         tl.where(l_i == 0, float("-inf"), l_i))
+        tl.store(lse + i_bh.to(tl.int64) * NQ + b_qi64, b_lse, mask=m_q)
+    if HAS_V:
+        # Rows with no allowed key have l = 0 and acc = 0: they output zeros.
+        b_o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        b_o = tl.where(bad[:, None], float("nan"), b_o)
+        if EPILOGUE == 1:
+            res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
+            for c in tl.static_range(4):
+                b_src = tl.load(res_idx + b_qi64 * 4 + c, mask=m_q, other=0).to(tl.int64)
+                b_w = tl.load(res_w + b_qi64 * 4 + c, mask=m_q, other=0.0)
+                b_r = tl.load(res + b_src[:, None] * stride_rl + o_d[None, :] * stride_rd, mask=m_q[:, None],
+                              other=0.0)
+                b_o += b_w[:, None] * b_r.to(tl.float32)
+        if EPILOGUE == 2:
+            res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
+            p_dense = res + b_qi64[:, None] * stride_rl + o_d[None, :] * stride_rd
+            b_dense = tl.load(p_dense, mask=m_q[:, None], other=0.0)
+            dense_bad = tl.max(((b_dense * 0.0) != 0).to(tl.int32), 1) > 0
+            b_dense = tl.where(dense_bad[:, None], float("nan"), b_dense)
+            tl.store(p_dense, b_dense, mask=m_q[:, None])
+            b_o = b_dense.to(tl.float32) - b_o
+        o += i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+        tl.store(o + b_qi64[:, None] * stride_ol + o_d[None, :] * stride_od, b_o.to(o.dtype.element_ty),
+                 mask=m_q[:, None])
+    return nonfinite
+
+
 @triton.heuristics({
     "HAS_V": lambda a: a["v"] is not None,
     "STORE_LSE": lambda a: a["lse"] is not None,
@@ -158,7 +219,7 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
 })
 @triton.jit
 def _sparse_attn_fwd_kernel(
-    q, k, v, o, lse, res, flags,
+    q, k, v, o, lse, res,
     q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, res_idx, res_w,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
@@ -167,67 +228,28 @@ def _sparse_attn_fwd_kernel(
     stride_rb, stride_rh, stride_rl, stride_rd,
     H, L, NQ, NK, n_keep, n_src, NB, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, NWORDS: tl.constexpr, KV_DENSE: tl.constexpr,
-    EPILOGUE: tl.constexpr, IEEE: tl.constexpr, SAFE: tl.constexpr, HAS_V: tl.constexpr, STORE_LSE: tl.constexpr,
+    EPILOGUE: tl.constexpr, IEEE: tl.constexpr, HAS_V: tl.constexpr, STORE_LSE: tl.constexpr,
     HAS_KEPT: tl.constexpr, HAS_LIST: tl.constexpr, TOKEN_MASK: tl.constexpr, HAS_BANDS: tl.constexpr,
 ):
-    """``SAFE=False``: the attention of every tile, and in ``flags[bh * T + t]`` whether the tile's
-    result holds anything non-finite. ``SAFE=True`` (a second, separately compiled launch):
-    tiles whose flag is set are computed again with value rows checked key by key (the rule for
-    non-finite values); the others return at once. The fast variant carries none of the checks."""
+    """One program per (query tile, batch*head). The tile is computed without any check; if its
+    result holds anything non-finite (rare: only non-finite inputs do that), the same program
+    computes and stores it again with value rows checked key by key (the rule for non-finite
+    values). The redo sits after the first store, so nothing of the fast pass is live across it."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    redo = True
-    if SAFE:
-        redo = tl.load(flags + i_bh.to(tl.int64) * tl.num_programs(0) + i_t) != 0
-    if redo:
-        i_b, i_h = i_bh // H, i_bh % H
-        o_m = tl.arange(0, BM)
-        o_d = tl.arange(0, D)
-        b_qi = tl.load(q_idx + i_t * BM + o_m)
-        m_q = b_qi >= 0
-        b_qi64 = b_qi.to(tl.int64)
-        q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-        k += i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-        if HAS_V:
-            v += i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
-        b_q = tl.load(q + b_qi64[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_q[:, None], other=0.0)
-
-        acc, m_i, l_i, bad = _visit_keys(
-            b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, i_t, i_bh,
-            stride_kl, stride_kd, stride_vl, stride_vd, L, NK, n_keep, n_src, NB, qk_scale,
-            BM, BN, D, NWORDS, KV_DENSE, HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, HAS_V, SAFE, IEEE)
-        if HAS_V and not SAFE:
-            # x * 0 is 0 for a finite x and NaN otherwise.
-            n_nonfinite = tl.sum(tl.where(m_q[:, None], (acc * 0.0 != 0).to(tl.int32), 0))
-            tl.store(flags + i_bh.to(tl.int64) * tl.num_programs(0) + i_t, (n_nonfinite > 0).to(tl.int32))
-
-        if STORE_LSE:
-            # Rows with nothing allowed have l = 0: lse = -inf. NaN stays NaN.
-            b_lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453,
-                             tl.where(l_i == 0, float("-inf"), l_i))
-            tl.store(lse + i_bh.to(tl.int64) * NQ + b_qi64, b_lse, mask=m_q)
-        if HAS_V:
-            # Rows with no allowed key have l = 0 and acc = 0: they output zeros.
-            b_o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            b_o = tl.where(bad[:, None], float("nan"), b_o)
-            if EPILOGUE == 1:
-                res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
-                for c in tl.static_range(4):
-                    b_src = tl.load(res_idx + b_qi64 * 4 + c, mask=m_q, other=0).to(tl.int64)
-                    b_w = tl.load(res_w + b_qi64 * 4 + c, mask=m_q, other=0.0)
-                    b_r = tl.load(res + b_src[:, None] * stride_rl + o_d[None, :] * stride_rd, mask=m_q[:, None],
-                                  other=0.0)
-                    b_o += b_w[:, None] * b_r.to(tl.float32)
-            if EPILOGUE == 2:
-                res += i_b.to(tl.int64) * stride_rb + i_h.to(tl.int64) * stride_rh
-                p_dense = res + b_qi64[:, None] * stride_rl + o_d[None, :] * stride_rd
-                b_dense = tl.load(p_dense, mask=m_q[:, None], other=0.0)
-                dense_bad = tl.max(((b_dense * 0.0) != 0).to(tl.int32), 1) > 0
-                b_dense = tl.where(dense_bad[:, None], float("nan"), b_dense)
-                tl.store(p_dense, b_dense, mask=m_q[:, None])
-                b_o = b_dense.to(tl.float32) - b_o
-            o += i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-            tl.store(o + b_qi64[:, None] * stride_ol + o_d[None, :] * stride_od, b_o.to(o.dtype.element_ty),
-                     mask=m_q[:, None])
+    nonfinite = _tile(q, k, v, o, lse, res, q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band,
+                      res_idx, res_w, i_t, i_bh, stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh,
+                      stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd, stride_ob, stride_oh,
+                      stride_ol, stride_od, stride_rb, stride_rh, stride_rl, stride_rd, H, L, NQ, NK, n_keep,
+                      n_src, NB, qk_scale, BM, BN, D, NWORDS, KV_DENSE, EPILOGUE, IEEE, False, HAS_V, STORE_LSE,
+                      HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS)
+    if HAS_V:
+        if nonfinite:
+            _tile(q, k, v, o, lse, res, q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band,
+                  res_idx, res_w, i_t, i_bh, stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh,
+                  stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd, stride_ob, stride_oh,
+                  stride_ol, stride_od, stride_rb, stride_rh, stride_rl, stride_rd, H, L, NQ, NK, n_keep,
+                  n_src, NB, qk_scale, BM, BN, D, NWORDS, KV_DENSE, EPILOGUE, IEEE, True, HAS_V, STORE_LSE,
+                  HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS)
 
 
 @triton.jit

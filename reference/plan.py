@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
+from functools import cached_property
 
 from .cs4a import CS4AParams
 from .csla import CSLAParams
@@ -87,19 +88,23 @@ class SparsityPlan:
         window_list(_OWNER, "win_rel", self.win_rel, S, allow_whole=True)
         window_list(_OWNER, "band_rel", self.band_rel, S - 1 - d, allow_whole=False)
 
-    @property
+    # Built once per plan (the plan is frozen): callers ask for them at every attention call.
+    @cached_property
     def csla(self) -> CSLAParams:
         return CSLAParams(self.sink_scales, self.win_rel)
 
-    @property
+    @cached_property
     def cs4a(self) -> CS4AParams:
         return CS4AParams(self.decision_scale, self.group_size, float(self.keep_ratio),
                           self.band_rel, self.residual)
 
     def kind(self, layer: int, step: int) -> StepKind:
         """The ``StepKind`` at ``(layer, step)``; ``ValueError`` for a layer or step out of range."""
-        int_field("plan", "layer", layer, 0, self.depth - 1)
-        int_field("plan", "step", step, 0, self.num_scales - 1)
+        # Plain ints in range skip the full check (this runs at every attention call).
+        if not (type(layer) is int and 0 <= layer < self.depth):
+            int_field("plan", "layer", layer, 0, self.depth - 1)
+        if not (type(step) is int and 0 <= step < self.num_scales):
+            int_field("plan", "step", step, 0, self.num_scales - 1)
         d = self.decision_scale
         if step < d:
             return StepKind.DENSE

@@ -73,6 +73,18 @@ class Schedule:
         object.__setattr__(self, "grids", _validate_grids(grids))
         object.__setattr__(self, "name", str(name))
 
+    def __hash__(self) -> int:
+        # Cached: a schedule keys the kernels' launch plans, looked up at every call.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.grids, self.name))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict:
+        # A string's hash differs between processes: the cached hash never travels.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     @classmethod
     def from_sides(cls, sides, name: str = "custom") -> "Schedule":
         """Square grids ``(s, s)`` from a list of sides."""

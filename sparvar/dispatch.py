@@ -43,7 +43,7 @@ def run_step(kind: StepKind, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ``q``: ``[B, H, h_k*w_k, D]``; ``k, v``: ``[B, H, L_k, D]``. ``state`` is the layer's decision
     state (``cs4a_sparse`` needs it). ``configs`` (kernels only): a ``KernelConfig`` per launch.
     """
-    kernels = Backend(backend) is Backend.KERNELS
+    kernels = backend is Backend.KERNELS or Backend(backend) is Backend.KERNELS
     if kind == StepKind.DENSE:
         if kernels:
             R.check_step_inputs(q, k, v, schedule, step)

@@ -21,22 +21,21 @@ from sparvar.reference import Schedule
 
 from .dispatch import StepDispatcher
 
-__all__ = ["KVCache", "GenerationResult", "NextScaleGenerator", "sample_top_k_top_p"]
+__all__ = ["KVCache", "LayerAttention", "GenerationResult", "NextScaleGenerator", "sample_top_k_top_p"]
 
 
 class KVCache:
     """Keys and values of every layer for the whole schedule, ``[depth, B, H, L_total, D]`` each.
-    ``write`` puts one scale's keys and values in place and returns the views of scales
-    ``0..step`` that attention reads."""
+    ``write`` puts one scale's keys and values in place (``LayerAttention`` reads the views of
+    scales ``0..step``)."""
 
     def __init__(self, depth: int, batch: int, heads: int, total: int, head_dim: int, dtype, device):
         self.k = torch.zeros(depth, batch, heads, total, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
-    def write(self, layer: int, lo: int, hi: int, k: torch.Tensor, v: torch.Tensor):
+    def write(self, layer: int, lo: int, hi: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer, :, :, lo:hi] = k
         self.v[layer, :, :, lo:hi] = v
-        return self.k[layer, :, :, :hi], self.v[layer, :, :, :hi]
 
 
 def sample_top_k_top_p(logits: torch.Tensor, generator: torch.Generator | None, top_k: int = 0,
@@ -59,6 +58,31 @@ def sample_top_k_top_p(logits: torch.Tensor, generator: torch.Generator | None, 
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
 
 
+class LayerAttention:
+    """One layer's self-attention at one scale, over the KV cache: ``slots()`` are the cache rows
+    of this scale's keys and values (a fused block writes them itself), ``attend(q, scale)`` runs
+    the dispatcher's attention of this (layer, step) over the cached scales ``0..step``, and
+    calling it with ``(q, k, v, scale)`` writes ``k, v`` into the slots first (the unfused
+    blocks)."""
+
+    def __init__(self, dispatcher: StepDispatcher, cache: KVCache, layer: int, step: int, lo: int, hi: int):
+        self.dispatcher, self.cache, self.layer, self.step, self.lo, self.hi = dispatcher, cache, layer, step, lo, hi
+
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.k[self.layer, :, :, self.lo:self.hi], self.cache.v[self.layer, :, :, self.lo:self.hi]
+
+    def attend(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        k = self.cache.k[self.layer, :, :, :self.hi]
+        v = self.cache.v[self.layer, :, :, :self.hi]
+        # Under autocast q and k leave their normalisation in fp32; the cache holds the
+        # network's dtype, and attention runs in it (as SDPA under autocast does).
+        return self.dispatcher(self.layer, self.step, q.to(k.dtype), k, v, scale)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        self.cache.write(self.layer, self.lo, self.hi, k, v)
+        return self.attend(q, scale)
+
+
 @dataclass
 class GenerationResult:
     """``tokens``: per generated scale the sampled tokens (``[B, h*w]`` for VAR, bits
@@ -75,7 +99,7 @@ class NextScaleGenerator:
 
     ``net`` provides ``cfg`` (``num_heads``, ``embed_dim``), ``begin(cond) -> (x, state)``, ``blocks``, ``block_cond(state, step)``,
     ``run_blocks(x, block_cond, attend_for)`` (``attend_for(layer)`` gives that layer's
-    ``attend(q, k, v, scale)``), ``logits(x, state)``, ``guide(logits, step, cfg)``,
+    ``LayerAttention``), ``logits(x, state)``, ``guide(logits, step, cfg)``,
     ``sample(logits, generator, top_k, top_p)`` and ``next_input(step, tokens, aux, carry)``;
     ``aux`` is the family's VAE part (``VQInput`` for VAR; nothing for Infinity, whose bit codes
     need no parameters).
@@ -94,13 +118,8 @@ class NextScaleGenerator:
         """One scale's transformer pass: ``x [2B, h*w, C]`` -> logits ``[2B, h*w, V]``."""
         lo, hi = self.schedule.offsets[step], self.schedule.offsets[step + 1]
 
-        def attend_for(layer: int):
-            def attend(q, k, v, scale):
-                k_all, v_all = cache.write(layer, lo, hi, k, v)
-                # Under autocast q and k leave their normalisation in fp32; the cache holds the
-                # network's dtype, and attention runs in it (as SDPA under autocast does).
-                return self.dispatcher(layer, step, q.to(k_all.dtype), k_all, v_all, scale)
-            return attend
+        def attend_for(layer: int) -> LayerAttention:
+            return LayerAttention(self.dispatcher, cache, layer, step, lo, hi)
         return self.net.logits(self.net.run_blocks(x, self.net.block_cond(state, step), attend_for), state)
 
     def _buffers(self, x: torch.Tensor, state: dict) -> tuple[KVCache, dict]:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparvar.kernels.fused import add_norm, qkv_heads
+
 from .generation import sample_top_k_top_p
 from .layers import FFN, AdaLNBeforeHead, SelfAttention, adaln_modulate
 
@@ -154,6 +156,33 @@ class _CrossAttention(nn.Module):
         o = torch.cat(out).reshape(B, Lq, -1)
         return self.proj(o.float() if cast else o)
 
+    def text_kv(self, kv_compact: torch.Tensor, bounds: tuple[int, ...]):
+        """Keys and values of every prompt, computed once per generation for the fused path:
+        ``k, v [B, H, max_len, D]`` (prompts padded to the longest) and a key mask
+        ``[B, 1, 1, max_len]`` (``None`` when all prompts have the same length, as with guidance
+        for one prompt)."""
+        N, H, D = kv_compact.shape[0], self.num_heads, self.head_dim
+        kv = F.linear(kv_compact, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias))).view(N, 2, H, D)
+        lens = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+        B, n = len(lens), max(lens)
+        if min(lens) == n:
+            k, v = kv.view(B, n, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            return k, v, None
+        padded = kv.new_zeros(B, n, 2, H, D)
+        mask = torch.zeros(B, 1, 1, n, dtype=torch.bool, device=kv.device)
+        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            padded[b, :hi - lo] = kv[lo:hi]
+            mask[b, ..., :hi - lo] = True
+        k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v, mask
+
+    def attend_text(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+        """The fused path's cross-attention: all prompts in one call over ``text_kv``'s keys."""
+        B, Lq, C = h.shape
+        q = self.mat_q(h).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.proj(o.transpose(1, 2).reshape(B, Lq, C))
+
 
 class _RMSNorm(nn.Module):
     def __init__(self, C: int, eps: float):
@@ -202,6 +231,26 @@ class InfinityBlock(nn.Module):
         x = x + self.ca(self.ca_norm(x), cond["text"], cond["bounds"]).float()
         return x + self.ffn(adaln_modulate(self.ln_wo_grad, x.float(), scale2, shift2)).mul(gamma2)
 
+    def forward_fused(self, x: torch.Tensor, pending, cond: dict, attn, layer: int):
+        """``forward`` with the elementwise chains fused (``sparvar.kernels.fused``): ``x``
+        ``[B, L, C]`` fp32 contiguous; ``pending`` the previous block's gated FFN output
+        ``(y, gamma)`` (added here, in this block's first pass) or ``None``; ``attn`` the
+        layer's ``LayerAttention``. Returns ``(x, pending)`` for the next block."""
+        g = cond["gss_layers"][layer][:, 0]  # [B, 6, C]: gamma1, gamma2, scale1, scale2, shift1, shift2
+        eps, dtype = self.ln_wo_grad.eps, self.sa.mat_qkv.weight.dtype
+        y, gy = pending if pending is not None else (None, None)
+        x, h = add_norm(x, y, gy, scale=g[:, 2], shift=g[:, 4], eps=eps, out_dtype=dtype)
+        k_dst, v_dst = attn.slots()
+        q = qkv_heads(F.linear(h, self.sa.mat_qkv.weight), self.sa.q_bias, self.sa.v_bias, k_dst, v_dst,
+                      scale_mul=self.sa.scale_mul_1H11.view(-1), max_log_scale=self.sa.max_scale_mul,
+                      rope=cond["rope_all"], rope_row0=attn.lo)
+        x, h = add_norm(x, self.sa.out(attn.attend(q, self.sa.scale)), g[:, 0], weight=self.ca_norm.weight,
+                        bias=self.ca_norm.bias, eps=self.ca_norm.eps, out_dtype=dtype)
+        ca_k, ca_v, ca_mask = cond["ca_k"][layer], cond["ca_v"][layer], cond.get("ca_mask")
+        x, h = add_norm(x, self.ca.attend_text(h, ca_k, ca_v, ca_mask), None, scale=g[:, 3], shift=g[:, 5], eps=eps,
+                        out_dtype=dtype)
+        return x, (self.ffn(h), g[:, 1])
+
 
 class InfinityNet(nn.Module):
     """The Infinity transformer for one schedule family. ``reference_hw`` is the grid RoPE
@@ -234,6 +283,10 @@ class InfinityNet(nn.Module):
         self.rope: torch.Tensor | None = None
         self.grids: tuple = ()
         self.tau = 1.0
+        #: Run the blocks' elementwise chains as fused kernels (``InfinityBlock.forward_fused``):
+        #: the generation path on a GPU sets it; the official modules' equivalence is checked on
+        #: the unfused path, and the fused path against it.
+        self.fused = False
 
     @classmethod
     def map_official_keys(cls, state: dict) -> dict:
@@ -270,11 +323,19 @@ class InfinityNet(nn.Module):
         kv = self.text_proj_for_ca(kv)
         x = cond.unsqueeze(1).expand(2 * B, 1, -1) + self.pos_start.expand(2 * B, 1, -1)
         gss = self.shared_ada_lin(cond.float()).float().contiguous()
-        return x, {"cond": cond, "gss": gss, "text": kv, "bounds": bounds}
+        state = {"cond": cond, "gss": gss, "text": kv, "bounds": bounds}
+        if self.fused:
+            # What the fused blocks read at every scale but depends only on the prompts: each
+            # block's AdaLN vectors and cross-attention keys and values, made once here.
+            state["gss_layers"] = torch.stack([(b.ada_gss + gss).float() for b in self.blocks])
+            k, v, mask = zip(*(b.ca.text_kv(kv, bounds) for b in self.blocks))
+            state.update(ca_k=torch.stack(k), ca_v=torch.stack(v), ca_mask=mask[0])
+        return x, state
 
     def block_cond(self, state: dict, step: int) -> dict:
         lo = sum(h * w for h, w in self.grids[:step])
-        return {**state, "rope": self.rope[:, lo: lo + self.grids[step][0] * self.grids[step][1]], "step": step}
+        return {**state, "rope": self.rope[:, lo: lo + self.grids[step][0] * self.grids[step][1]], "rope_all": self.rope,
+                "step": step}
 
     def _add_level(self, x: torch.Tensor, step: int) -> torch.Tensor:
         return x + self.lvl_embed.weight[step]
@@ -283,10 +344,19 @@ class InfinityNet(nn.Module):
         """The blocks in their chunks: the level embedding is added before every chunk (or only
         the first, ``add_lvl_embeding_only_first_block``), as the official loop does."""
         per = self.cfg.depth // self.cfg.block_chunks
+        if self.fused:
+            x, pending = x.float().contiguous(), None
         for i, block in enumerate(self.blocks):
             if i % per == 0 and (i == 0 or not self.cfg.add_lvl_embeding_only_first_block):
+                if self.fused and pending is not None:
+                    x, pending = x + pending[0] * pending[1].unsqueeze(1), None
                 x = self._add_level(x, cond["step"])
-            x = block(x, cond, attend_for(i))
+            if self.fused:
+                x, pending = block.forward_fused(x, pending, cond, attend_for(i), i)
+            else:
+                x = block(x, cond, attend_for(i))
+        if self.fused:
+            x = x + pending[0] * pending[1].unsqueeze(1)
         return x
 
     def logits(self, x: torch.Tensor, state: dict) -> torch.Tensor:

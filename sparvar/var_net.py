@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparvar.kernels.fused import add_norm, qkv_heads
+
 from .generation import sample_top_k_top_p
 from .layers import FFN, AdaLNBeforeHead, SelfAttention, adaln_modulate
 
@@ -64,13 +66,34 @@ class VARBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, attend) -> torch.Tensor:
         """``attend(q, k, v, scale) -> o`` runs the layer's attention (cache and plan included)."""
-        if hasattr(self, "ada_gss"):
-            gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond).unbind(2)
-        else:
-            gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_vectors(cond).unbind(2)
         q, k, v = self.attn.qkv(adaln_modulate(self.ln_wo_grad, x, scale1, shift1))
         x = x + self.attn.out(attend(q, k, v, self.attn.scale)).mul_(gamma1)
         return x + self.ffn(adaln_modulate(self.ln_wo_grad, x, scale2, shift2)).mul(gamma2)
+
+    def ada_vectors(self, cond: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, 6, C]``: gamma1, gamma2, scale1, scale2, shift1, shift2 for ``cond`` (the shared
+        AdaLN's output, or the class embedding)."""
+        if hasattr(self, "ada_gss"):
+            return self.ada_gss + cond
+        return self.ada_lin(cond).view(-1, 1, 6, self.C)
+
+    def forward_fused(self, x: torch.Tensor, pending, gss: torch.Tensor, attn):
+        """``forward`` with the elementwise chains fused (``sparvar.kernels.fused``): ``x``
+        ``[B, L, C]`` fp32 contiguous; ``pending`` the previous block's gated FFN output
+        ``(y, gamma)`` or ``None``; ``gss`` this block's ``ada_vectors``; ``attn`` the layer's
+        ``LayerAttention``. Returns ``(x, pending)`` for the next block."""
+        g = gss[:, 0]
+        eps, dtype, sa = self.ln_wo_grad.eps, self.attn.mat_qkv.weight.dtype, self.attn
+        y, gy = pending if pending is not None else (None, None)
+        x, h = add_norm(x, y, gy, scale=g[:, 2], shift=g[:, 4], eps=eps, out_dtype=dtype)
+        k_dst, v_dst = attn.slots()
+        q = qkv_heads(F.linear(h, sa.mat_qkv.weight), sa.q_bias, sa.v_bias, k_dst, v_dst,
+                      scale_mul=sa.scale_mul_1H11.view(-1) if sa.cos_attn else None,
+                      max_log_scale=sa.max_scale_mul if sa.cos_attn else 0.0)
+        x, h = add_norm(x, sa.out(attn.attend(q, sa.scale)), g[:, 0], scale=g[:, 3], shift=g[:, 5], eps=eps,
+                        out_dtype=dtype)
+        return x, (self.ffn(h), g[:, 1])
 
 
 class VARNet(nn.Module):
@@ -100,6 +123,9 @@ class VARNet(nn.Module):
                              torch.where(d >= d.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, L, L))
         self.head_nm = AdaLNBeforeHead(C, C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
+        #: Run the blocks' elementwise chains as fused kernels (``VARBlock.forward_fused``): the
+        #: generation path on a GPU sets it.
+        self.fused = False
 
     # The generation loop's steps (sparvar.generation.NextScaleGenerator).
     def begin(self, labels: torch.Tensor):
@@ -110,12 +136,22 @@ class VARNet(nn.Module):
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
         x = cond.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1) \
             + lvl_pos[:, : self.first_l]
-        return x, {"cond": cond, "lvl_pos": lvl_pos}
+        state = {"cond": cond, "lvl_pos": lvl_pos}
+        if self.fused:
+            # Every block's AdaLN vectors depend only on the classes: made once here.
+            shared = self.shared_ada_lin(cond)
+            state["gss_layers"] = torch.stack([b.ada_vectors(shared).float() for b in self.blocks])
+        return x, state
 
     def block_cond(self, state: dict, step: int) -> torch.Tensor:
-        return self.shared_ada_lin(state["cond"])
+        return state["gss_layers"] if self.fused else self.shared_ada_lin(state["cond"])
 
     def run_blocks(self, x: torch.Tensor, cond: torch.Tensor, attend_for) -> torch.Tensor:
+        if self.fused:
+            x, pending = x.float().contiguous(), None
+            for i, block in enumerate(self.blocks):
+                x, pending = block.forward_fused(x, pending, cond[i], attend_for(i))
+            return x + pending[0] * pending[1].unsqueeze(1)
         for i, block in enumerate(self.blocks):
             x = block(x, cond, attend_for(i))
         return x
