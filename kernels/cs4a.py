@@ -175,8 +175,9 @@ def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     Passes: dense attention with log-sum-exp (cuDNN, flash or Triton: ``cs4a_dense.backend``);
     column scores per group; a radix select keeps ``n_keep`` keys per group; if ``residual``,
     selected attention whose epilogue writes ``R = O_dense - O_sel``. ``state.kept`` is int32
-    ``[B, H, n_groups, n_keep]``; ``state.residual`` is in ``q``'s dtype. Non-finite inputs as
-    ``sparvar.reference.attention`` says, kept sets included.
+    ``[B, H, n_groups, n_keep]``; ``state.residual`` is in ``q``'s dtype (a view of token-major
+    memory, as the outputs are). Non-finite inputs as ``sparvar.reference.attention`` says, kept
+    sets included.
 
     Example::
 

@@ -194,16 +194,23 @@ class AttentionLaunch:
         """``(out or None, lse or None)``; ``kept`` ``[B*H, n_src_groups, n_keep]`` int32,
         ``res`` ``[B, H, n, D]`` (the residual to up-sample, or the dense output)."""
         B, H, NQ, D = q.shape
-        # Stored token-major ([B, NQ, H, D] in memory, as flash attention stores it), so that the
-        # output projection reads it as [B, NQ, H*D] without a copy.
-        out = _empty(B, NQ, H, D, device=q.device, dtype=q.dtype).transpose(1, 2) if self.values else None
-        lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32) if self.store_lse else None
+        out = lse = None
         if self.values:
-            strides = q.stride() + k.stride() + v.stride() + out.stride() + (
+            # Stored token-major ([B, NQ, H, D] in memory, as flash attention stores it), so that
+            # the output projection reads it as [B, NQ, H*D] without a copy.
+            out_strides = (NQ * H * D, D, H * D, 1)
+            out = torch.empty_strided((B, H, NQ, D), out_strides, device=q.device, dtype=q.dtype)
+            strides = q.stride() + k.stride() + v.stride() + out_strides + (
                 res.stride() if res is not None else _NO_STRIDES)
         else:
             v = None
             strides = q.stride() + k.stride() + _NO_STRIDES + _NO_STRIDES + _NO_STRIDES
+        if self.store_lse:
+            lse = torch.empty(B, H, NQ, device=q.device, dtype=torch.float32)
+        if poison_outputs:
+            for t in (out, lse):
+                if t is not None:
+                    t.fill_(float("nan"))
         n_keep, n_src = (kept.shape[2], kept.shape[1]) if kept is not None else (0, 1)
         L = k.shape[2]
         args = self._template.copy()
@@ -214,10 +221,13 @@ class AttentionLaunch:
         i_l, i_nq, i_keep, i_src, i_scale = self._sizes
         args[i_l], args[i_nq], args[i_keep], args[i_src], args[i_scale] = L, NQ, n_keep, n_src, scale * LOG2E
         # Triton specialises each pointer on whether it is 16-byte aligned: one bit per pointer.
-        align = 0
-        for bit, t in enumerate((q, k, v, res, kept)):
-            if t is not None and t.data_ptr() & 15 == 0:
-                align |= 1 << bit
+        align = (q.data_ptr() & 15 == 0) | (k.data_ptr() & 15 == 0) << 1
+        if v is not None:
+            align |= (v.data_ptr() & 15 == 0) << 2
+        if res is not None:
+            align |= (res.data_ptr() & 15 == 0) << 3
+        if kept is not None:
+            align |= (kept.data_ptr() & 15 == 0) << 4
         self._launcher((strides, L, NQ, n_keep, n_src, align), args)
         return out, lse
 

@@ -93,6 +93,23 @@ def _parser() -> argparse.ArgumentParser:
                    "semantic search reads)")
     p.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
 
+    p = sub.add_parser("analyze", help="measure the attention properties SparVAR builds on, and the plan's recall",
+                       description="One dense generation; from the model's own attention: mass on the sink scales per "
+                       "layer, cross-scale similarity of key profiles, mass against spatial distance, and the share "
+                       "of each query's dense mass that the plan's pattern keeps (recall). JSON and plots in --out. "
+                       "Random weights have none of this structure: use --weights for a trained model.")
+    _model_args(p)
+    p.add_argument("--weights", default=None, help="checkpoint with the official parameter names (default: seeded "
+                   "random weights)")
+    p.add_argument("--plan", default="default", help="whose patterns' recall to measure: default or a plan/config "
+                   "file (default: %(default)s)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="query scales (default: all from 1 on)")
+    p.add_argument("--max-distance", type=int, default=4, help="locality: largest distance (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=256, help="queries per scale that enter the probabilities "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="weights (when random), conditioning and sampling seed")
+    p.add_argument("--out", default="sparvar-analysis", help="output folder (default: %(default)s)")
+
     p = sub.add_parser("bench", help="benchmarks on this GPU: attention at Infinity 1024 shapes, or whole generations",
                        description="attention: correctness first, then cuDNN and flash SDPA, FlexAttention with the "
                        "identical mask and the SparVAR kernels, timed as CUDA graph replays, with eager and host times "
@@ -250,6 +267,35 @@ def _cmd_capture(args) -> int:
     return 0
 
 
+def _cmd_analyze(args) -> int:
+    from pathlib import Path
+
+    from .analysis import analyze, plot_analysis, write_analysis
+    from .pipeline import build_pipeline
+
+    if args.plan == "dense":
+        raise SparvarError("--plan dense has no sparse pattern to measure; use default or a plan/config file")
+    if args.max_distance < 0 or args.queries < 1:
+        raise SparvarError(f"--max-distance must be >= 0 and --queries >= 1, got {args.max_distance} and "
+                           f"{args.queries}")
+    pipe = build_pipeline(args.model, args.resolution, plan=args.plan, weights=args.weights, seed=args.seed,
+                          graphs=False)
+    result = analyze(pipe, pipe.plan, seed=args.seed, steps=args.steps, max_distance=args.max_distance,
+                     queries_per_step=args.queries)
+    out = Path(args.out)
+    path = write_analysis(result, out)
+    plots = plot_analysis(result, out)
+    print(f"{pipe.preset.name}, plan: {pipe.plan_source}")
+    print(f"{'scale':>5} {'sink mass':>10} {'recall (sparse layers)':>23}")
+    for s in result["steps"]:
+        sinks = [v[str(s)] for v in result["sinks"].values()]
+        rec = [v[str(s)] for v in result["recall"].values() if str(s) in v]
+        rec_txt = f"{sum(rec) / len(rec):.3f}" if rec else "-"
+        print(f"{s:>5} {sum(sinks) / len(sinks):>10.3f} {rec_txt:>23}")
+    print(f"wrote {path} and {', '.join(p.name for p in plots)}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     if args.what == "e2e":
         from .e2e import run_e2e
@@ -274,7 +320,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"autotune": _cmd_autotune, "configs": _cmd_configs, "plan": _cmd_plan, "bench": _cmd_bench,
-                "generate": _cmd_generate, "capture": _cmd_capture}
+                "generate": _cmd_generate, "capture": _cmd_capture, "analyze": _cmd_analyze}
     try:
         return commands[args.command](args)
     except SparvarError as e:

@@ -121,7 +121,15 @@ def _run_case(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, ker
     def record(impl, fn, scale_ms=None):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        ms, res = timed(fn, runs, cuda)
+        try:
+            ms, res = timed(fn, runs, cuda)
+        except RuntimeError as e:
+            # Recorded, not raised: the rows before it stand. (A failure inside a CUDA kernel
+            # leaves the device unusable for the rest of the process: run one case per process.)
+            rows.append({"impl": impl, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
+            save()
+            print(f"{label:<24} {impl:<20} failed: {rows[-1]['error']}", flush=True)
+            return
         row = {"impl": impl, "ms": round(ms, 2),
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
         if scale_ms is not None:

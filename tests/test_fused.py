@@ -90,34 +90,60 @@ def test_fused_inputs_are_checked_with_one_line():
         qkv_heads(torch.zeros(2, 3, 48, device=DEVICE), z, z, k, k.clone(), rope=torch.zeros(2, 2, 8, device=DEVICE))
 
 
+@pytest.fixture
+def fp32_cross_attention(monkeypatch):
+    """Both paths attend to the text in fp32 (by default fp32 inputs attend in bf16, whose kernels
+    round differently for the per-prompt and the padded batch layouts)."""
+    from sparvar.infinity_net import _CrossAttention
+
+    monkeypatch.setattr(_CrossAttention, "attend_in_bf16", False)
+
+
+def _randomized(pipe):
+    """Weights of a size that makes every layer matter (the default init leaves some small)."""
+    torch.manual_seed(0)
+    for p in pipe.net.parameters():
+        p.data.normal_(0, 0.2)
+    return pipe
+
+
 @pytest.mark.parametrize("plan", ["dense", "default"])
-def test_fused_blocks_generate_what_the_unfused_blocks_do(plan):
-    """Same seed, same weights: the fused blocks sample the same tokens at every scale and reach
-    the same features (fp32, interpreter), under the dense and the default sparse plan."""
+def test_fused_blocks_generate_what_the_unfused_blocks_do(plan, fp32_cross_attention):
+    """Same seed, same weights: the fused blocks give the unfused blocks' logits at every scale and
+    sample the same tokens (fp32), under the dense and the default sparse plan."""
     runs = []
     for fused in (False, True):
-        pipe = build_pipeline("tiny", plan=plan, seed=4, device=DEVICE, dtype=torch.float32, graphs=False)
-        pipe.net.fused = fused
-        runs.append(pipe.generator.generate(pipe.condition(4), seed=4, cfg=3.0, top_k=900, top_p=0.97))
-    assert all(torch.equal(a, b) for a, b in zip(runs[0].tokens, runs[1].tokens))
-    torch.testing.assert_close(runs[1].features, runs[0].features, rtol=1e-5, atol=1e-5)
+        pipe = _randomized(build_pipeline("tiny", plan=plan, seed=4, device=DEVICE, dtype=torch.float32,
+                                          graphs=False))
+        pipe.net.fused, logits = fused, []
+        real = pipe.net.logits
+        pipe.net.logits = lambda x, state, real=real: logits.append(real(x, state)) or logits[-1]
+        result = pipe.generator.generate(pipe.condition(4), seed=4, cfg=3.0, top_k=900, top_p=0.97)
+        runs.append((logits, result))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        _close(b, a)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1].tokens, runs[1][1].tokens))
+    torch.testing.assert_close(runs[1][1].features, runs[0][1].features, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_cross_attention_pads_prompts_of_different_lengths():
-    """Prompts of different lengths: the fused path's padded keys and mask give the unfused
-    path's per-prompt attention."""
+def test_fused_cross_attention_pads_prompts_of_different_lengths(fp32_cross_attention):
+    """Prompts of different lengths: one call over padded keys with a mask gives the per-prompt
+    attention of ``forward``."""
     from sparvar.infinity_net import TextCondition
 
-    runs = []
-    for fused in (False, True):
-        pipe = build_pipeline("tiny", plan="dense", seed=2, device=DEVICE, dtype=torch.float32, graphs=False)
-        pipe.net.fused = fused
-        g = torch.Generator().manual_seed(0)
-        text = TextCondition.from_features([torch.randn(n, pipe.net.cfg.text_channels, generator=g).to(DEVICE)
-                                            for n in (5, 9)])
-        runs.append(pipe.generator.generate(text, seed=2, cfg=3.0))
-    assert all(torch.equal(a, b) for a, b in zip(runs[0].tokens, runs[1].tokens))
-    torch.testing.assert_close(runs[1].features, runs[0].features, rtol=1e-5, atol=1e-5)
+    pipe = _randomized(build_pipeline("tiny", plan="dense", seed=2, device=DEVICE, dtype=torch.float32,
+                                      graphs=False))
+    pipe.net.fused = True
+    g = torch.Generator().manual_seed(0)
+    text = TextCondition.from_features([torch.randn(n, pipe.net.cfg.text_channels, generator=g).to(DEVICE)
+                                        for n in (5, 9)])
+    _, state = pipe.net.begin(text)
+    assert state["ca_mask"] is not None
+    h = torch.randn(4, 6, pipe.net.cfg.embed_dim, generator=g).to(DEVICE)
+    for layer, block in enumerate(pipe.net.blocks):
+        want = block.ca(h, state["text"], state["bounds"])
+        got = block.ca.attend_text(h, state["ca_k"][layer], state["ca_v"][layer], state["ca_mask"])
+        _close(got, want)
 
 
 @pytest.mark.parametrize("l2_norm, shared_aln", [(True, False), (False, True)])
@@ -148,3 +174,15 @@ def test_fused_var_blocks_give_the_unfused_logits_and_tokens(l2_norm, shared_aln
     for a, b in zip(runs[0][0], runs[1][0]):
         _close(b, a)
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1].tokens, runs[1][1].tokens))
+
+
+def test_a_schedule_keeps_its_rope_table():
+    """CUDA graphs captured for a schedule read its RoPE table's memory: setting the schedule again
+    (``accelerate`` does it at every call) must give the same table, never an equal new one."""
+    pipe = build_pipeline("tiny", plan="dense", seed=0, device="cpu", dtype=torch.float32, graphs=False)
+    net, grids = pipe.net, pipe.schedule.grids
+    first = net.rope
+    net.set_schedule(grids[:-1], grids[-2])
+    assert net.rope is not first
+    net.set_schedule(grids, grids[-1])
+    assert net.rope is first

@@ -1,0 +1,224 @@
+"""The three properties of VAR attention SparVAR builds on, measured on a model's own attention,
+and how much of each query's dense attention a plan keeps (``sparvar analyze``).
+
+A dense generation is run once with a dispatcher that keeps every layer's queries and keys at the
+chosen scales; from the dense probabilities (float64):
+
+- sinks: per layer, the attention mass each query of a scale puts on the keys of the first
+  ``sink_scales`` scales (the plan's CSLA sinks), averaged over queries, heads and samples;
+- cross-scale similarity: per layer and adjacent query scales ``(s, s+1)``, the cosine similarity
+  of their key profiles over scales ``0..s`` (each query's attention there, renormalised and
+  averaged over the queries of its scale): 1 means both scales attend alike;
+- locality: per layer, the probability a query of scale ``s`` gives one same-scale key at
+  Chebyshev distance ``r`` (``r = 0..max_distance``) in its grid, averaged over keys and queries;
+- recall: per (layer, sparse step) of the plan, the share of each query's dense mass on the keys
+  the step's pattern allows (CSLA windows and sinks; CS4A kept keys of the decision group plus
+  bands, the kept sets chosen as the decision step chooses them), averaged over queries.
+
+Random weights have none of this structure; the numbers mean something on a trained model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import sparvar.reference as R
+from sparvar.reference import Schedule, SparsityPlan, StepKind
+
+from .dispatch import StepDispatcher
+
+__all__ = ["attention_probs", "sink_mass", "scale_similarity", "locality", "recall", "pattern_mask",
+           "RecordingAttention", "analyze", "plot_analysis", "write_analysis"]
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense softmax probabilities ``[B, H, Lq, Lk]`` in float64."""
+    return torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)
+
+
+def sink_mass(p: torch.Tensor, schedule: Schedule, sink_scales: int) -> float:
+    """Mean mass on the keys of scales ``0..sink_scales-1``."""
+    return p[..., :schedule.offsets[min(sink_scales, schedule.num_scales)]].sum(-1).mean().item()
+
+
+def _key_profile(p: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Each query's attention over the first ``n_keys`` keys, renormalised, averaged over queries,
+    heads and samples: ``[n_keys]``."""
+    part = p[..., :n_keys]
+    return (part / part.sum(-1, keepdim=True).clamp_min(1e-300)).mean(dim=(0, 1, 2))
+
+
+def scale_similarity(p_s: torch.Tensor, p_next: torch.Tensor, schedule: Schedule, s: int) -> float:
+    """Cosine similarity of the key profiles (over scales ``0..s``) of query scales ``s`` and ``s+1``."""
+    n = schedule.num_keys(s)
+    a, b = _key_profile(p_s, n), _key_profile(p_next, n)
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+
+def locality(p: torch.Tensor, schedule: Schedule, step: int, max_distance: int) -> list[float | None]:
+    """Per distance ``r = 0..max_distance``: the mean probability of one same-scale key at
+    Chebyshev distance ``r`` from its query (a ring's mass over its size, so that uniform
+    attention gives a flat curve), averaged over the queries that have keys there (``None`` when
+    none has)."""
+    h, w = schedule.grids[step]
+    lo = schedule.offsets[step]
+    same = p[..., lo:lo + h * w]  # [B, H, Lq, Lq]
+    idx = torch.arange(h * w)
+    y, x = idx // w, idx % w
+    dist = torch.maximum((y[:, None] - y[None, :]).abs(), (x[:, None] - x[None, :]).abs())
+    out = []
+    for r in range(max_distance + 1):
+        ring = dist == r
+        size = ring.sum(-1)  # keys at distance r, per query
+        has = size > 0
+        if not has.any():
+            out.append(None)
+            continue
+        per_key = (same * ring).sum(-1)[..., has] / size[has]
+        out.append(per_key.mean().item())
+    return out
+
+
+def recall(p: torch.Tensor, allowed: torch.Tensor) -> float:
+    """Mean over queries of the dense mass on allowed keys (``allowed`` broadcasts to ``p``)."""
+    return (p * allowed.to(p.dtype)).sum(-1).mean().item()
+
+
+def pattern_mask(plan: SparsityPlan, schedule: Schedule, layer: int, step: int, q_d: torch.Tensor | None,
+                 k_d: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """The keys ``plan`` lets each query of ``(layer, step)`` see (``None`` at dense steps):
+    ``[Lq, Lk]`` for CSLA, ``[B, H, Lq, Lk]`` for CS4A, whose kept sets are chosen from the decision
+    scale's queries and keys ``q_d``, ``k_d`` as the decision step chooses them."""
+    kind = plan.kind(layer, step)
+    if kind == StepKind.CSLA:
+        return R.csla_mask(schedule, step, plan.csla)
+    if kind in (StepKind.CS4A_DECIDE, StepKind.CS4A_SPARSE):
+        cs4a = plan.cs4a
+        scores = R.column_scores(q_d.double(), k_d.double(), scale, cs4a.group_size)
+        kept = R.select_keys(scores, R.num_keep(k_d.shape[2], cs4a.keep_ratio))
+        return R.cs4a_mask(schedule, step, cs4a, kept)
+    return None
+
+
+class RecordingAttention(StepDispatcher):
+    """Dense attention (``plan=None``) that keeps, per (layer, step) of ``steps``, the queries and
+    keys it was given (on the CPU) with the softmax scale."""
+
+    def __init__(self, schedule: Schedule, steps, **kwargs):
+        super().__init__(None, schedule, **kwargs)
+        self.steps = set(steps)
+        self.inputs: dict = {}
+
+    def __call__(self, layer, step, q, k, v, scale=1.0):
+        if step in self.steps:
+            self.inputs[(layer, step)] = (q.detach().float().cpu(), k.detach().float().cpu(), float(scale))
+        return super().__call__(layer, step, q, k, v, scale)
+
+
+def analyze(pipeline, plan: SparsityPlan, *, seed: int = 0, steps=None, max_distance: int = 4,
+            queries_per_step: int = 256) -> dict:
+    """Run one dense generation of ``pipeline`` (``sparvar.pipeline.Pipeline``) and measure the
+    properties above at ``steps`` (default: every scale from 1 on); ``plan`` gives the sink
+    scales and the patterns whose recall is measured. At most ``queries_per_step`` queries per
+    scale (evenly spaced) enter the probabilities, which bounds memory at large scales."""
+    schedule = pipeline.schedule
+    S, depth = schedule.num_scales, len(pipeline.net.blocks)
+    steps = sorted(set(range(1, S) if steps is None else steps))
+    for s in steps:
+        schedule.check_step(s)
+    d = plan.decision_scale
+    wanted = set(steps) | ({d} if plan.bound_layer >= 0 and any(s >= d for s in steps) else set())
+    gen = pipeline.generator
+    recorder = RecordingAttention(schedule, wanted, backend=gen.dispatcher.backend)
+    saved, gen.dispatcher = gen.dispatcher, recorder
+    try:
+        gen.generate(pipeline.condition(seed), seed=seed, cfg=3.0, top_k=900, top_p=0.97)
+    finally:
+        gen.dispatcher = saved
+
+    def probs(layer, step):
+        q, k, scale = recorder.inputs[(layer, step)]
+        rows = torch.linspace(0, q.shape[2] - 1, min(queries_per_step, q.shape[2])).round().long().unique()
+        return attention_probs(q[:, :, rows], k, scale), rows
+
+    out = {"schedule": [list(g) for g in schedule.grids], "depth": depth, "steps": steps,
+           "sink_scales": plan.sink_scales, "max_distance": max_distance, "queries_per_step": queries_per_step,
+           "sinks": {}, "similarity": {}, "locality": {}, "recall": {}}
+    for layer in range(depth):
+        full = {}
+        for s in steps:
+            p, rows = probs(layer, s)
+            full[s] = p
+            out["sinks"].setdefault(str(layer), {})[str(s)] = sink_mass(p, schedule, plan.sink_scales)
+            if rows.numel() == schedule.num_queries(s):
+                out["locality"].setdefault(str(layer), {})[str(s)] = locality(p, schedule, s, max_distance)
+            if plan.kind(layer, s) != StepKind.DENSE:
+                q_d, k_d, scale = recorder.inputs.get((layer, d), (None, None, 1.0))
+                mask = pattern_mask(plan, schedule, layer, s, q_d, k_d, scale)
+                mask = mask[..., rows, :] if mask.dim() == 4 else mask[rows]
+                out["recall"].setdefault(str(layer), {})[str(s)] = recall(p, mask)
+        for s in steps:
+            if s + 1 in full:
+                out["similarity"].setdefault(str(layer), {})[f"{s}-{s + 1}"] = scale_similarity(
+                    full[s], full[s + 1], schedule, s)
+    return out
+
+
+def plot_analysis(result: dict, folder: Path) -> list[Path]:
+    """Sinks per layer, similarity per layer and scale pair, and mass against distance: PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = sorted(result["sinks"], key=int)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for s in result["steps"]:
+        ax.plot([int(x) for x in layers], [result["sinks"][x][str(s)] for x in layers], marker=".", label=f"scale {s}")
+    ax.set(xlabel="layer", ylabel=f"mass on scales < {result['sink_scales']}", title="attention sinks")
+    ax.legend(fontsize=7)
+    paths.append(folder / "sinks.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    pairs = sorted({p for v in result["similarity"].values() for p in v}, key=lambda p: int(p.split("-")[0]))
+    if pairs:
+        grid = [[result["similarity"][x].get(p, float("nan")) for p in pairs] for x in layers]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set(xticks=range(len(pairs)), xticklabels=pairs, xlabel="query scales", ylabel="layer",
+               title="cross-scale similarity of key profiles")
+        fig.colorbar(im)
+        paths.append(folder / "similarity.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if result["locality"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for s in result["steps"]:
+            curves = [result["locality"][x][str(s)] for x in layers if str(s) in result["locality"].get(x, {})]
+            if curves:
+                rs = [r for r in range(result["max_distance"] + 1) if curves[0][r] is not None]
+                ax.plot(rs, [sum(c[r] for c in curves) / len(curves) for r in rs], marker=".", label=f"scale {s}")
+        ax.set(xlabel="Chebyshev distance in the query's grid", ylabel="probability per key (mean over layers)",
+               yscale="log", title="locality: same-scale attention against distance")
+        ax.legend(fontsize=7)
+        paths.append(folder / "locality.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_analysis(result: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "analysis.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,62 @@
+"""``sparvar analyze``: the measures on constructed attention with known answers, and the command on
+the CPU preset (files with the expected fields)."""
+
+import json
+
+import torch
+
+from sparvar.analysis import attention_probs, locality, recall, scale_similarity, sink_mass
+from sparvar.cli import main
+from sparvar.reference import Schedule
+
+
+S = Schedule([(1, 1), (2, 2), (3, 3)])  # 1 + 4 + 9 = 14 tokens
+
+
+def test_measures_on_constructed_attention():
+    # All mass on the first token: the sinks hold everything.
+    p = torch.zeros(1, 1, 9, 14, dtype=torch.float64)
+    p[..., 0] = 1
+    assert sink_mass(p, S, 1) == 1.0 and sink_mass(p, S, 0) == 0.0
+    # A pattern that keeps every key keeps all the mass; one that keeps none keeps nothing.
+    q, k = torch.randn(2, 3, 9, 8), torch.randn(2, 3, 14, 8)
+    p = attention_probs(q, k, 0.5)
+    assert abs(recall(p, torch.ones(9, 14, dtype=torch.bool)) - 1.0) < 1e-12
+    assert recall(p, torch.zeros(9, 14, dtype=torch.bool)) == 0.0
+    # Uniform attention over the last scale: the same probability for a key at every distance.
+    p = torch.zeros(1, 1, 9, 14, dtype=torch.float64)
+    p[..., 5:] = 1 / 9
+    assert all(abs(x - 1 / 9) < 1e-12 for x in locality(p, S, 2, 2))
+    assert locality(p, S, 2, 3)[3] is None  # a 3x3 grid has no key 3 away
+    # Each query on itself only: all the probability at distance 0.
+    p = torch.zeros(1, 1, 9, 14, dtype=torch.float64)
+    p[0, 0, torch.arange(9), 5 + torch.arange(9)] = 1
+    assert locality(p, S, 2, 2) == [1.0, 0.0, 0.0]
+    # Two scales attending alike over the keys they share are similar; disjoint profiles are not.
+    a = torch.zeros(1, 1, 4, 5, dtype=torch.float64)
+    a[..., 0] = 1
+    b = torch.zeros(1, 1, 9, 14, dtype=torch.float64)
+    b[..., 0] = 0.5
+    b[..., 13] = 0.5
+    assert abs(scale_similarity(a, b, S, 1) - 1.0) < 1e-12
+    b = torch.zeros(1, 1, 9, 14, dtype=torch.float64)
+    b[..., 3] = 1
+    assert scale_similarity(a, b, S, 1) == 0.0
+
+
+def test_analyze_writes_the_measures_and_plots(tmp_path, capsys):
+    assert main(["analyze", "--model", "tiny", "--out", str(tmp_path), "--queries", "16"]) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "analysis.json").read_text())
+    assert {"sinks", "similarity", "locality", "recall", "steps", "sink_scales"} <= set(result)
+    assert len(result["sinks"]) == 4 and result["steps"] == [1, 2, 3, 4, 5]
+    recalls = [x for layer in result["recall"].values() for x in layer.values()]
+    assert recalls and all(0.0 <= x <= 1.0 + 1e-12 for x in recalls)
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("sinks.png", "similarity.png", "locality.png"))
+    assert "recall" in capsys.readouterr().out
+
+
+def test_analyze_errors_are_one_line(tmp_path, capsys):
+    assert main(["analyze", "--model", "tiny", "--plan", "dense", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--plan dense has no sparse pattern" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
