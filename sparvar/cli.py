@@ -110,6 +110,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights (when random), conditioning and sampling seed")
     p.add_argument("--out", default="sparvar-analysis", help="output folder (default: %(default)s)")
 
+    p = sub.add_parser("eval", help="how much each plan (and scale skipping) changes the images against dense attention",
+                       description="From the same seeds: dense generation against the default plan, CSLA only, CS4A "
+                       "only, CSLA windows one size smaller and larger, and dense with the last one or two scales "
+                       "skipped: PSNR and SSIM against the dense images (the decoder's input features where the "
+                       "model has no decoder), per (layer, scale) attention error and recall on the dense inputs, "
+                       "and each row's generation time. eval.json, eval.md and grid.png in --out.")
+    _model_args(p)
+    p.add_argument("--weights", default=None, help="checkpoint with the official parameter names (default: seeded "
+                   "random weights)")
+    p.add_argument("--plan", default="default", help="the plan to compare and vary: default or a plan/config file "
+                   "(default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="generation seeds (default: 0 1)")
+    p.add_argument("--out", default="sparvar-eval", help="output folder (default: %(default)s)")
+
     p = sub.add_parser("bench", help="benchmarks on this GPU: attention at Infinity 1024 shapes, or whole generations",
                        description="attention: correctness first, then cuDNN and flash SDPA, FlexAttention with the "
                        "identical mask and the SparVAR kernels, timed as CUDA graph replays, with eager and host times "
@@ -296,6 +310,24 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .evaluation import evaluate, write_evaluation
+    from .pipeline import build_pipeline
+
+    if args.plan == "dense":
+        raise SparvarError("--plan dense has nothing to compare with dense attention; use default or a plan/config file")
+    pipe = build_pipeline(args.model, args.resolution, plan=args.plan, weights=args.weights, seed=args.seeds[0],
+                          graphs=False)
+    skips = [n for n in (1, 2) if n < pipe.schedule.num_scales]
+    result, grid = evaluate(pipe, pipe.plan, seeds=tuple(args.seeds), skips=skips)
+    paths = write_evaluation(result, grid, Path(args.out))
+    print(paths[1].read_text(), end="")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     if args.what == "e2e":
         from .e2e import run_e2e
@@ -320,7 +352,8 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"autotune": _cmd_autotune, "configs": _cmd_configs, "plan": _cmd_plan, "bench": _cmd_bench,
-                "generate": _cmd_generate, "capture": _cmd_capture, "analyze": _cmd_analyze}
+                "generate": _cmd_generate, "capture": _cmd_capture, "analyze": _cmd_analyze,
+                "eval": _cmd_eval}
     try:
         return commands[args.command](args)
     except SparvarError as e:

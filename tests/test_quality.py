@@ -1,5 +1,5 @@
-"""``sparvar analyze``: the measures on constructed attention with known answers, and the command on
-the CPU preset (files with the expected fields)."""
+"""``sparvar analyze`` and ``sparvar eval``: the measures and image metrics on constructed cases with
+known answers, and both commands on the CPU preset (files with the expected fields)."""
 
 import json
 
@@ -60,3 +60,32 @@ def test_analyze_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--plan dense has no sparse pattern" in err and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_image_metrics_on_known_cases():
+    from sparvar.evaluation import psnr, ssim
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    assert psnr(a, a) == float("inf") and abs(ssim(a, a) - 1.0) < 1e-12
+    b = a + 0.1  # every pixel 0.1 off: MSE 0.01, 20 dB
+    assert abs(psnr(a, b) - 20.0) < 1e-9
+    noisy = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    assert ssim(a, noisy) < ssim(a, (a + 0.02 * torch.randn(a.shape, generator=g)).clamp(0, 1)) < 1.0
+
+
+def test_eval_writes_every_row(tmp_path, capsys):
+    from sparvar.cli import main as cli
+
+    assert cli(["eval", "--model", "tiny", "--seeds", "0", "--out", str(tmp_path)]) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "eval.json").read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["dense", "default", "csla_only", "cs4a_only", "windows_smaller", "windows_larger",
+                          "dense_skip_last_1", "dense_skip_last_2"]
+    for name in ("default", "csla_only", "cs4a_only"):
+        r = rows[name]
+        assert r["compared"] == "features" and 0 < r["ssim"] <= 1 and r["psnr_db"] > 0
+        assert 0 <= r["mean_recall"] <= 1 and r["mean_attention_rel_error"] >= 0
+        assert r["attention_rel_error"] and r["recall"]
+    assert rows["csla_only"]["plan"]["bound_layer"] == -1 and rows["cs4a_only"]["plan"]["bound_layer"] == 3
+    assert (tmp_path / "grid.png").stat().st_size > 0 and "| default |" in (tmp_path / "eval.md").read_text()
