@@ -349,26 +349,53 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Interrupts:
+    """Whether Ctrl-C arrived during the command. A SIGINT that lands inside a storage write (an
+    SQLite busy wait, an Optuna commit) can surface as that library's error instead of
+    ``KeyboardInterrupt``; the flag lets the command still end as interrupted, with one line."""
+
+    seen = False
+
+    @classmethod
+    def install(cls):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigint(signum, frame):
+            cls.seen = True
+            raise KeyboardInterrupt
+        return signal.signal(signal.SIGINT, on_sigint)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"autotune": _cmd_autotune, "configs": _cmd_configs, "plan": _cmd_plan, "bench": _cmd_bench,
                 "generate": _cmd_generate, "capture": _cmd_capture, "analyze": _cmd_analyze,
                 "eval": _cmd_eval}
+    _Interrupts.seen = False
+    previous = _Interrupts.install()
     try:
         return commands[args.command](args)
-    except SparvarError as e:
-        print(f"sparvar: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"sparvar: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if args.command == "autotune":
-            print("sparvar: interrupted; finished trials are kept in the study: run the same command to resume",
-                  file=sys.stderr)
-        else:
-            print("sparvar: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Exception) as e:
+        if isinstance(e, KeyboardInterrupt) or _Interrupts.seen:
+            if args.command == "autotune":
+                print("sparvar: interrupted; finished trials are kept in the study: run the same command to resume",
+                      file=sys.stderr)
+            else:
+                print("sparvar: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(e, (SparvarError, ValueError)):
+            print(f"sparvar: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":
