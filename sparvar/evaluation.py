@@ -140,9 +140,10 @@ class _FullRecorder(RecordingAttention):
         return StepDispatcher.__call__(self, layer, step, q, k, v, scale)
 
 
-def evaluate(pipeline, plan: SparsityPlan, seeds=(0,), skips=(1, 2)) -> dict:
+def evaluate(pipeline, plan: SparsityPlan, seeds=(0,), skips=(1, 2)) -> tuple[dict, dict]:
     """Rows as the module docstring says, for ``pipeline`` (``sparvar.pipeline.Pipeline``,
-    ``plan`` its default plan). Each row's numbers are means over ``seeds``."""
+    ``plan`` its default plan); each row's numbers are means over ``seeds``. Returns the result
+    (JSON-ready) and the first seed's images by row (for ``write_evaluation``'s grid)."""
     schedule = pipeline.schedule
     backend = pipeline.generator.dispatcher.backend
     kernels = pipeline.generator.dispatcher.kernels
