@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparvar.kernels.fused import add_norm, qkv_heads
+from sparvar.kernels.fused import add_norm
 
 from .generation import sample_top_k_top_p
-from .layers import FFN, AdaLNBeforeHead, SelfAttention, adaln_modulate
+from .layers import FFN, AdaLNBeforeHead, SelfAttention, adaln_modulate, add_pending
 
 __all__ = ["InfinityConfig", "InfinityNet", "TextCondition", "rope_table", "bits_to_codes"]
 
@@ -141,8 +141,8 @@ class _CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor | None, kv_compact: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
         """``bounds``: the prompts' row offsets in ``kv_compact`` (``cu_seqlens`` on the host, so
         that nothing here waits for the GPU and a CUDA graph can capture it)."""
-        N, H, D = kv_compact.shape[0], self.num_heads, self.head_dim
-        kv = F.linear(kv_compact, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias))).view(N, 2, H, D)
+        H, D = self.num_heads, self.head_dim
+        kv = self._project_text(kv_compact)
         if self.for_attn_pool:
             B, Lq = len(bounds) - 1, 1
             q = self.mat_q.repeat(B, 1, 1).to(kv.dtype)
@@ -161,13 +161,18 @@ class _CrossAttention(nn.Module):
         o = torch.cat(out).reshape(B, Lq, -1)
         return self.proj(o.float() if cast else o)
 
+    def _project_text(self, kv_compact: torch.Tensor) -> torch.Tensor:
+        """Text rows ``[N, C_kv]`` -> keys and values ``[N, 2, H, D]`` (the key bias is zero)."""
+        return F.linear(kv_compact, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias))).view(
+            kv_compact.shape[0], 2, self.num_heads, self.head_dim)
+
     def text_kv(self, kv_compact: torch.Tensor, bounds: tuple[int, ...]):
         """Keys and values of every prompt, computed once per generation for the fused path:
         ``k, v [B, H, max_len, D]`` (prompts padded to the longest) and a key mask
         ``[B, 1, 1, max_len]`` (``None`` when all prompts have the same length, as with guidance
         for one prompt)."""
-        N, H, D = kv_compact.shape[0], self.num_heads, self.head_dim
-        kv = F.linear(kv_compact, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias))).view(N, 2, H, D)
+        H, D = self.num_heads, self.head_dim
+        kv = self._project_text(kv_compact)
         lens = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
         B, n = len(lens), max(lens)
         if min(lens) == n:
@@ -248,10 +253,7 @@ class InfinityBlock(nn.Module):
         eps, dtype = self.ln_wo_grad.eps, self.sa.mat_qkv.weight.dtype
         y, gy = pending if pending is not None else (None, None)
         x, h = add_norm(x, y, gy, scale=g[:, 2], shift=g[:, 4], eps=eps, out_dtype=dtype)
-        k_dst, v_dst = attn.slots()
-        q = qkv_heads(F.linear(h, self.sa.mat_qkv.weight), self.sa.q_bias, self.sa.v_bias, k_dst, v_dst,
-                      scale_mul=self.sa.scale_mul_1H11.view(-1), max_log_scale=self.sa.max_scale_mul,
-                      rope=cond["rope_all"], rope_row0=attn.lo)
+        q = self.sa.fused_q(h, attn, rope=cond["rope_all"])
         x, h = add_norm(x, self.sa.out(attn.attend(q, self.sa.scale)), g[:, 0], weight=self.ca_norm.weight,
                         bias=self.ca_norm.bias, eps=self.ca_norm.eps, out_dtype=dtype)
         ca_k, ca_v, ca_mask = cond["ca_k"][layer], cond["ca_v"][layer], cond.get("ca_mask")
@@ -360,20 +362,17 @@ class InfinityNet(nn.Module):
         """The blocks in their chunks: the level embedding is added before every chunk (or only
         the first, ``add_lvl_embeding_only_first_block``), as the official loop does."""
         per = self.cfg.depth // self.cfg.block_chunks
+        pending = None  # the fused blocks' deferred gated FFN branch
         if self.fused:
-            x, pending = x.float().contiguous(), None
+            x = x.float().contiguous()
         for i, block in enumerate(self.blocks):
             if i % per == 0 and (i == 0 or not self.cfg.add_lvl_embeding_only_first_block):
-                if self.fused and pending is not None:
-                    x, pending = x + pending[0] * pending[1].unsqueeze(1), None
-                x = self._add_level(x, cond["step"])
+                x, pending = self._add_level(add_pending(x, pending), cond["step"]), None
             if self.fused:
                 x, pending = block.forward_fused(x, pending, cond, attend_for(i), i)
             else:
                 x = block(x, cond, attend_for(i))
-        if self.fused:
-            x = x + pending[0] * pending[1].unsqueeze(1)
-        return x
+        return add_pending(x, pending)
 
     def logits(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         return self.head(self.head_nm(x.float(), state["cond"].float()))

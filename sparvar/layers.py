@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SelfAttention", "FFN", "AdaLNBeforeHead", "adaln_modulate", "project_qkv"]
+from sparvar.kernels.fused import qkv_heads
+
+__all__ = ["SelfAttention", "FFN", "AdaLNBeforeHead", "adaln_modulate", "add_pending", "project_qkv"]
 
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,6 +60,15 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1, eps=1e-12)
         return q, k, v
 
+    def fused_q(self, h: torch.Tensor, attn, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """``qkv`` fused (``sparvar.kernels.fused.qkv_heads``): ``h [B, L, C]`` -> ``q [B, H, L, D]``,
+        with ``k, v`` written into ``attn``'s KV-cache slots (``sparvar.generation.LayerAttention``)
+        and, given ``rope`` (the whole schedule's table), rotated from the slots' first row."""
+        k_dst, v_dst = attn.slots()
+        return qkv_heads(F.linear(h, self.mat_qkv.weight), self.q_bias, self.v_bias, k_dst, v_dst,
+                         scale_mul=self.scale_mul_1H11.view(-1) if self.cos_attn else None,
+                         max_log_scale=self.max_scale_mul if self.cos_attn else 0.0, rope=rope, rope_row0=attn.lo)
+
     def out(self, o: torch.Tensor) -> torch.Tensor:
         """``o [B, H, L, D]`` -> ``[B, L, C]`` through ``proj``."""
         B, H, L, D = o.shape
@@ -75,6 +86,12 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def add_pending(x: torch.Tensor, pending) -> torch.Tensor:
+    """``x + gamma * y`` for a fused block's deferred gated branch ``pending = (y, gamma)``
+    (``gamma`` one vector per sample), or ``x`` when nothing is pending."""
+    return x if pending is None else x + pending[0] * pending[1].unsqueeze(1)
 
 
 def adaln_modulate(ln: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

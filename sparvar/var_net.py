@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparvar.kernels.fused import add_norm, qkv_heads
+from sparvar.kernels.fused import add_norm
 
 from .generation import sample_top_k_top_p
-from .layers import FFN, AdaLNBeforeHead, SelfAttention, adaln_modulate
+from .layers import FFN, AdaLNBeforeHead, SelfAttention, adaln_modulate, add_pending
 
 __all__ = ["VARConfig", "VARNet", "VQInput", "Phi"]
 
@@ -87,11 +87,7 @@ class VARBlock(nn.Module):
         eps, dtype, sa = self.ln_wo_grad.eps, self.attn.mat_qkv.weight.dtype, self.attn
         y, gy = pending if pending is not None else (None, None)
         x, h = add_norm(x, y, gy, scale=g[:, 2], shift=g[:, 4], eps=eps, out_dtype=dtype)
-        k_dst, v_dst = attn.slots()
-        q = qkv_heads(F.linear(h, sa.mat_qkv.weight), sa.q_bias, sa.v_bias, k_dst, v_dst,
-                      scale_mul=sa.scale_mul_1H11.view(-1) if sa.cos_attn else None,
-                      max_log_scale=sa.max_scale_mul if sa.cos_attn else 0.0)
-        x, h = add_norm(x, sa.out(attn.attend(q, sa.scale)), g[:, 0], scale=g[:, 3], shift=g[:, 5], eps=eps,
+        x, h = add_norm(x, sa.out(attn.attend(sa.fused_q(h, attn), sa.scale)), g[:, 0], scale=g[:, 3], shift=g[:, 5], eps=eps,
                         out_dtype=dtype)
         return x, (self.ffn(h), g[:, 1])
 
@@ -151,7 +147,7 @@ class VARNet(nn.Module):
             x, pending = x.float().contiguous(), None
             for i, block in enumerate(self.blocks):
                 x, pending = block.forward_fused(x, pending, cond[i], attend_for(i))
-            return x + pending[0] * pending[1].unsqueeze(1)
+            return add_pending(x, pending)
         for i, block in enumerate(self.blocks):
             x = block(x, cond, attend_for(i))
         return x
