@@ -20,7 +20,7 @@ Random weights have none of this structure; the numbers mean something on a trai
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 
 import torch
@@ -28,10 +28,11 @@ import torch
 import sparvar.reference as R
 from sparvar.reference import Schedule, SparsityPlan, StepKind
 
+from .configs import write_json_atomic
 from .dispatch import StepDispatcher
 
 __all__ = ["attention_probs", "sink_mass", "scale_similarity", "locality", "recall", "pattern_mask",
-           "RecordingAttention", "analyze", "plot_analysis", "write_analysis"]
+           "decision_kept", "RecordingAttention", "generate_with", "analyze", "plot_analysis", "write_analysis"]
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -87,35 +88,69 @@ def recall(p: torch.Tensor, allowed: torch.Tensor) -> float:
     return (p * allowed.to(p.dtype)).sum(-1).mean().item()
 
 
-def pattern_mask(plan: SparsityPlan, schedule: Schedule, layer: int, step: int, q_d: torch.Tensor | None,
-                 k_d: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+def decision_kept(plan: SparsityPlan, inputs: dict, layer: int) -> torch.Tensor | None:
+    """``layer``'s CS4A kept sets, chosen from its decision scale's recorded queries and keys (a
+    ``RecordingAttention``'s ``inputs``) as the decision step chooses them; ``None`` for a layer
+    without CS4A."""
+    d = plan.decision_scale
+    if plan.kind(layer, d) != StepKind.CS4A_DECIDE:
+        return None
+    q_d, k_d, _, scale = inputs[(layer, d)]
+    cs4a = plan.cs4a
+    scores = R.column_scores(q_d.double(), k_d.double(), scale, cs4a.group_size)
+    return R.select_keys(scores, R.num_keep(k_d.shape[2], cs4a.keep_ratio))
+
+
+def pattern_mask(plan: SparsityPlan, schedule: Schedule, layer: int, step: int,
+                 kept: torch.Tensor | None) -> torch.Tensor | None:
     """The keys ``plan`` lets each query of ``(layer, step)`` see (``None`` at dense steps):
-    ``[Lq, Lk]`` for CSLA, ``[B, H, Lq, Lk]`` for CS4A, whose kept sets are chosen from the decision
-    scale's queries and keys ``q_d``, ``k_d`` as the decision step chooses them."""
+    ``[Lq, Lk]`` for CSLA, ``[B, H, Lq, Lk]`` for CS4A with the layer's ``decision_kept``."""
     kind = plan.kind(layer, step)
     if kind == StepKind.CSLA:
         return R.csla_mask(schedule, step, plan.csla)
     if kind in (StepKind.CS4A_DECIDE, StepKind.CS4A_SPARSE):
-        cs4a = plan.cs4a
-        scores = R.column_scores(q_d.double(), k_d.double(), scale, cs4a.group_size)
-        kept = R.select_keys(scores, R.num_keep(k_d.shape[2], cs4a.keep_ratio))
-        return R.cs4a_mask(schedule, step, cs4a, kept)
+        return R.cs4a_mask(schedule, step, plan.cs4a, kept)
     return None
 
 
 class RecordingAttention(StepDispatcher):
-    """Dense attention (``plan=None``) that keeps, per (layer, step) of ``steps``, the queries and
-    keys it was given (on the CPU) with the softmax scale."""
+    """Dense attention (``plan=None``) that keeps, per (layer, step) of ``steps``, what it was
+    given as ``inputs[(layer, step)] = (q, k, v, scale)``. Without ``values``: q and k in fp32
+    on the CPU (probabilities are computed there), v ``None``; with ``values``: copies of q, k,
+    v where they are (the kernels run on them; sized for small models)."""
 
-    def __init__(self, schedule: Schedule, steps, **kwargs):
+    def __init__(self, schedule: Schedule, steps, *, values: bool = False, **kwargs):
         super().__init__(None, schedule, **kwargs)
-        self.steps = set(steps)
+        self.steps, self.values = set(steps), values
         self.inputs: dict = {}
 
     def __call__(self, layer, step, q, k, v, scale=1.0):
         if step in self.steps:
-            self.inputs[(layer, step)] = (q.detach().float().cpu(), k.detach().float().cpu(), float(scale))
+            if self.values:
+                kept = tuple(t.detach().clone() for t in (q, k, v))
+            else:
+                kept = (q.detach().float().cpu(), k.detach().float().cpu(), None)
+            self.inputs[(layer, step)] = kept + (float(scale),)
         return super().__call__(layer, step, q, k, v, scale)
+
+
+def generate_with(pipeline, dispatcher: StepDispatcher, seed: int, skip_last: int = 0):
+    """One generation of ``pipeline`` (its stand-in conditioning and the inference scripts'
+    sampling) with ``dispatcher``'s attention; returns ``(result, wall ms)``."""
+    gen = pipeline.generator
+    saved, gen.dispatcher = gen.dispatcher, dispatcher
+    try:
+        cuda = next(pipeline.net.parameters()).is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = gen.generate(pipeline.condition(seed), seed=seed, cfg=3.0, top_k=900, top_p=0.97,
+                              skip_last=skip_last)
+        if cuda:
+            torch.cuda.synchronize()
+        return result, (time.perf_counter() - t0) * 1e3
+    finally:
+        gen.dispatcher = saved
 
 
 def analyze(pipeline, plan: SparsityPlan, *, seed: int = 0, steps=None, max_distance: int = 4,
@@ -131,16 +166,11 @@ def analyze(pipeline, plan: SparsityPlan, *, seed: int = 0, steps=None, max_dist
         schedule.check_step(s)
     d = plan.decision_scale
     wanted = set(steps) | ({d} if plan.bound_layer >= 0 and any(s >= d for s in steps) else set())
-    gen = pipeline.generator
-    recorder = RecordingAttention(schedule, wanted, backend=gen.dispatcher.backend)
-    saved, gen.dispatcher = gen.dispatcher, recorder
-    try:
-        gen.generate(pipeline.condition(seed), seed=seed, cfg=3.0, top_k=900, top_p=0.97)
-    finally:
-        gen.dispatcher = saved
+    recorder = RecordingAttention(schedule, wanted, backend=pipeline.generator.dispatcher.backend)
+    generate_with(pipeline, recorder, seed)
 
     def probs(layer, step):
-        q, k, scale = recorder.inputs[(layer, step)]
+        q, k, _, scale = recorder.inputs[(layer, step)]
         rows = torch.linspace(0, q.shape[2] - 1, min(queries_per_step, q.shape[2])).round().long().unique()
         return attention_probs(q[:, :, rows], k, scale), rows
 
@@ -149,6 +179,7 @@ def analyze(pipeline, plan: SparsityPlan, *, seed: int = 0, steps=None, max_dist
            "sinks": {}, "similarity": {}, "locality": {}, "recall": {}}
     for layer in range(depth):
         full = {}
+        kept = decision_kept(plan, recorder.inputs, layer) if d in wanted else None
         for s in steps:
             p, rows = probs(layer, s)
             full[s] = p
@@ -156,8 +187,7 @@ def analyze(pipeline, plan: SparsityPlan, *, seed: int = 0, steps=None, max_dist
             if rows.numel() == schedule.num_queries(s):
                 out["locality"].setdefault(str(layer), {})[str(s)] = locality(p, schedule, s, max_distance)
             if plan.kind(layer, s) != StepKind.DENSE:
-                q_d, k_d, scale = recorder.inputs.get((layer, d), (None, None, 1.0))
-                mask = pattern_mask(plan, schedule, layer, s, q_d, k_d, scale)
+                mask = pattern_mask(plan, schedule, layer, s, kept)
                 mask = mask[..., rows, :] if mask.dim() == 4 else mask[rows]
                 out["recall"].setdefault(str(layer), {})[str(s)] = recall(p, mask)
         for s in steps:
@@ -216,9 +246,4 @@ def plot_analysis(result: dict, folder: Path) -> list[Path]:
 
 
 def write_analysis(result: dict, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "analysis.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
-    return path
+    return write_json_atomic(folder / "analysis.json", result, indent=1)

@@ -26,7 +26,7 @@ from .models import ModelPreset, get_model, resolve_schedule
 from .records import Measured, Quality
 
 __all__ = ["SCHEMA_VERSION", "TunedConfig", "ConfigChoice", "config_filename", "search_dirs",
-           "find_config", "load_config_file", "user_config_dir", "ENV_VAR", "check_fits"]
+           "find_config", "load_config_file", "user_config_dir", "ENV_VAR", "check_fits", "write_json_atomic"]
 
 # Version 2 records the model's heads and head dim and how times were measured; version 1 files
 # are read as they are (their times were eager do_bench medians).
@@ -38,6 +38,16 @@ def user_config_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_config_dir("sparvar")) / "tuned_configs"
+
+
+def write_json_atomic(path: Path, data, indent: int = 2) -> Path:
+    """Write ``data`` as JSON to ``path`` (its folder made if needed) through a temporary file
+    renamed over it, so that a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent) + "\n")
+    tmp.replace(path)
+    return path
 
 
 @dataclass
@@ -76,12 +86,8 @@ class TunedConfig:
     def save(self, directory: str | Path) -> Path:
         """Write ``<directory>/<gpu>/<model>_<h>x<w>.json`` atomically (a temporary file renamed
         over the target, so a reader never sees half a file)."""
-        path = Path(directory) / sanitize(self.gpu) / config_filename(self.model, self.height, self.width)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return write_json_atomic(Path(directory) / sanitize(self.gpu) /
+                                 config_filename(self.model, self.height, self.width), self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict) -> "TunedConfig":

@@ -16,9 +16,7 @@ skipping (stop one or two scales early, dense). For each row:
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +25,8 @@ import torch.nn.functional as F
 
 from sparvar.reference import SparsityPlan, StepKind, relative_error
 
-from .analysis import RecordingAttention, attention_probs, pattern_mask, recall
+from .analysis import RecordingAttention, attention_probs, decision_kept, generate_with, pattern_mask, recall
+from .configs import write_json_atomic
 from .dispatch import StepDispatcher, run_step
 
 __all__ = ["psnr", "ssim", "compared_plans", "evaluate", "write_evaluation"]
@@ -87,30 +86,13 @@ def _images(pipeline, features: torch.Tensor, dense_features: torch.Tensor):
     return ((three(features) - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1), "features"
 
 
-def _timed_generate(pipeline, dispatcher, seed: int, skip_last: int = 0):
-    gen = pipeline.generator
-    saved, gen.dispatcher = gen.dispatcher, dispatcher
-    try:
-        cuda = next(pipeline.net.parameters()).is_cuda
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        result = gen.generate(pipeline.condition(seed), seed=seed, cfg=3.0, top_k=900, top_p=0.97,
-                              skip_last=skip_last)
-        if cuda:
-            torch.cuda.synchronize()
-        return result, (time.perf_counter() - t0) * 1e3
-    finally:
-        gen.dispatcher = saved
-
-
 def _attention_rows(plan: SparsityPlan, recorder: RecordingAttention, backend) -> dict:
     """Per (layer, step) the plan makes sparse: relative error against dense attention and recall,
     on the recorded dense inputs."""
     schedule, d = recorder.schedule, plan.decision_scale
     errors, recalls = {}, {}
     for layer in range(plan.depth):
-        state = None
+        state, kept = None, decision_kept(plan, recorder.inputs, layer)
         for step in range(schedule.num_scales):
             kind = plan.kind(layer, step)
             if kind == StepKind.DENSE:
@@ -124,20 +106,9 @@ def _attention_rows(plan: SparsityPlan, recorder: RecordingAttention, backend) -
                 state = new_state
             dense = run_step(StepKind.DENSE, q, k, v, schedule, step, plan, scale, backend=backend)[0]
             errors.setdefault(str(layer), {})[str(step)] = relative_error(out, dense)
-            qd, kd, _, _ = recorder.inputs.get((layer, d), (None, None, None, None))
-            mask = pattern_mask(plan, schedule, layer, step, qd, kd, scale)
+            mask = pattern_mask(plan, schedule, layer, step, kept)
             recalls.setdefault(str(layer), {})[str(step)] = recall(attention_probs(q, k, scale), mask)
     return {"attention_rel_error": errors, "recall": recalls}
-
-
-class _FullRecorder(RecordingAttention):
-    """``RecordingAttention`` that keeps the values too (the attention error needs them)."""
-
-    def __call__(self, layer, step, q, k, v, scale=1.0):
-        if step in self.steps:
-            # Kept where they are (the kernels run on them): sized for the small models eval is for.
-            self.inputs[(layer, step)] = tuple(t.detach().clone() for t in (q, k, v)) + (float(scale),)
-        return StepDispatcher.__call__(self, layer, step, q, k, v, scale)
 
 
 def evaluate(pipeline, plan: SparsityPlan, seeds=(0,), skips=(1, 2)) -> tuple[dict, dict]:
@@ -149,8 +120,8 @@ def evaluate(pipeline, plan: SparsityPlan, seeds=(0,), skips=(1, 2)) -> tuple[di
     kernels = pipeline.generator.dispatcher.kernels
     dense_runs = []
     for seed in seeds:
-        recorder = _FullRecorder(schedule, range(schedule.num_scales), backend=backend)
-        result, ms = _timed_generate(pipeline, recorder, seed)
+        recorder = RecordingAttention(schedule, range(schedule.num_scales), values=True, backend=backend)
+        result, ms = generate_with(pipeline, recorder, seed)
         dense_runs.append((result, ms, recorder))
     rows = [{"row": "dense", "ms": sum(r[1] for r in dense_runs) / len(seeds)}]
 
@@ -171,14 +142,14 @@ def evaluate(pipeline, plan: SparsityPlan, seeds=(0,), skips=(1, 2)) -> tuple[di
 
     for name, variant in compared_plans(plan).items():
         dispatcher = StepDispatcher(variant, schedule, backend=backend, kernels=kernels if name == "default" else None)
-        runs = [_timed_generate(pipeline, dispatcher, seed) for seed in seeds]
+        runs = [generate_with(pipeline, dispatcher, seed) for seed in seeds]
         attention = _attention_rows(variant, dense_runs[0][2], backend)
         errs = [x for layer in attention["attention_rel_error"].values() for x in layer.values()]
         recs = [x for layer in attention["recall"].values() for x in layer.values()]
         image_row(name, runs, {"plan": variant.to_dict(), "mean_attention_rel_error": sum(errs) / max(1, len(errs)),
                                "mean_recall": sum(recs) / max(1, len(recs)), **attention})
     for skip in skips:
-        runs = [_timed_generate(pipeline, StepDispatcher(None, schedule, backend=backend), seed, skip) for seed in seeds]
+        runs = [generate_with(pipeline, StepDispatcher(None, schedule, backend=backend), seed, skip) for seed in seeds]
         image_row(f"dense_skip_last_{skip}", runs)
     cuda = next(pipeline.net.parameters()).is_cuda
     result = {"model": pipeline.preset.name, "schedule": [list(g) for g in schedule.grids], "seeds": list(seeds),
@@ -195,11 +166,7 @@ def write_evaluation(result: dict, grid: dict, folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "eval.json", folder / "eval.md", folder / "grid.png"]
-    tmp = paths[0].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(paths[0])
+    paths = [write_json_atomic(folder / "eval.json", result, indent=1), folder / "eval.md", folder / "grid.png"]
     lines = [f"# {result['model']}: rows against dense attention, seeds {result['seeds']}", "",
              f"Times: {result['timing']}.", "",
              "| row | compared | PSNR dB | SSIM | attention rel. error | recall | ms |", "|---|---|---|---|---|---|---|"]
