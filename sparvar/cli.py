@@ -13,6 +13,11 @@ from .errors import SparvarError
 __all__ = ["main"]
 
 
+def _weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None, help="checkpoint (.safetensors or torch) with the official parameter "
+                   "names (default: seeded random weights)")
+
+
 def _model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny") -> None:
     from .models import MODELS
 
@@ -69,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                        "decoder the output is the tokens and features (torch.save).")
     _model_args(p)
     p.add_argument("--seed", type=int, default=0, help="weights (when random), conditioning and sampling seed (default: 0)")
-    p.add_argument("--weights", default=None, help="checkpoint (.safetensors or torch) with the official parameter names")
+    _weights_arg(p)
     p.add_argument("--plan", default="default", help="dense, default (tuned config of this GPU, else the authors' "
                    "plan) or a plan/config JSON file (default: %(default)s)")
     p.add_argument("--skip-last", type=int, default=0, help="stop this many scales early (default: 0)")
@@ -85,8 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                        "For an official model object use sparvar.integrations.capture.")
     _model_args(p)
     p.add_argument("--out", required=True, help="the calibration folder to create (required)")
-    p.add_argument("--weights", default=None, help="checkpoint with the official parameter names (default: seeded "
-                   "random weights)")
+    _weights_arg(p)
     p.add_argument("--samples", type=int, default=2, help="generations to capture (default: %(default)s)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers (default: first, middle, last)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="scales (default: the last four, which the "
@@ -99,8 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                        "of each query's dense mass that the plan's pattern keeps (recall). JSON and plots in --out. "
                        "Random weights have none of this structure: use --weights for a trained model.")
     _model_args(p)
-    p.add_argument("--weights", default=None, help="checkpoint with the official parameter names (default: seeded "
-                   "random weights)")
+    _weights_arg(p)
     p.add_argument("--plan", default="default", help="whose patterns' recall to measure: default or a plan/config "
                    "file (default: %(default)s)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="query scales (default: all from 1 on)")
@@ -117,8 +120,7 @@ def _parser() -> argparse.ArgumentParser:
                        "model has no decoder), per (layer, scale) attention error and recall on the dense inputs, "
                        "and each row's generation time. eval.json, eval.md and grid.png in --out.")
     _model_args(p)
-    p.add_argument("--weights", default=None, help="checkpoint with the official parameter names (default: seeded "
-                   "random weights)")
+    _weights_arg(p)
     p.add_argument("--plan", default="default", help="the plan to compare and vary: default or a plan/config file "
                    "(default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="generation seeds (default: 0 1)")
