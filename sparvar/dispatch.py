@@ -43,7 +43,7 @@ def run_step(kind: StepKind, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ``q``: ``[B, H, h_k*w_k, D]``; ``k, v``: ``[B, H, L_k, D]``. ``state`` is the layer's decision
     state (``cs4a_sparse`` needs it). ``configs`` (kernels only): a ``KernelConfig`` per launch.
     """
-    kernels = backend is Backend.KERNELS or Backend(backend) is Backend.KERNELS
+    kernels = Backend(backend) is Backend.KERNELS
     if kind == StepKind.DENSE:
         if kernels:
             R.check_step_inputs(q, k, v, schedule, step)
@@ -89,9 +89,6 @@ class StepDispatcher:
         self._configs = [{key.launch: cfg for key, cfg in self.kernels.items() if key.step == step}
                          for step in range(schedule.num_scales)]
         self._states: dict[int, CS4AState] = {}
-        # The kind of every (layer, step), looked up at every call.
-        self._kinds = None if plan is None else [[plan.kind(layer, step) for step in range(plan.num_scales)]
-                                                 for layer in range(plan.depth)]
 
     def configs_at(self, step: int) -> LaunchConfigs:
         """The configs of every launch at ``step`` (launches not listed use their defaults)."""
@@ -111,13 +108,7 @@ class StepDispatcher:
 
     def __call__(self, layer: int, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float = 1.0) -> torch.Tensor:
-        if self._kinds is None:
-            kind = StepKind.DENSE
-        elif type(layer) is int and type(step) is int and 0 <= layer < len(self._kinds) \
-                and 0 <= step < len(self._kinds[0]):
-            kind = self._kinds[layer][step]
-        else:
-            kind = self.plan.kind(layer, step)  # raises the plan's error for a layer or step out of range
+        kind = self.plan.kind(layer, step) if self.plan is not None else StepKind.DENSE
         if self.skip_sparse and kind != StepKind.DENSE:
             return q
         state = self._states.get(layer)
