@@ -113,7 +113,6 @@ def _run_case(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, ker
         net = InfinityNet(cfg)
     net = net.to(device, dtype).eval().requires_grad_(False)
     net.set_schedule(schedule.grids, reference_hw)
-    net.fused = cuda
     g = torch.Generator().manual_seed(0)
     text = TextCondition.from_features([torch.randn(24, cfg.text_channels, generator=g).to(device, dtype)])
     opts = dict(seed=0, cfg=3.0, top_k=900, top_p=0.97)

@@ -295,9 +295,15 @@ class InfinityNet(nn.Module):
         self.grids: tuple = ()
         self.tau = 1.0
         #: Run the blocks' elementwise chains as fused kernels (``InfinityBlock.forward_fused``):
-        #: the generation path on a GPU sets it; the official modules' equivalence is checked on
-        #: the unfused path, and the fused path against it.
-        self.fused = False
+        #: ``None`` (default) does where the weights are on a GPU (on the CPU the interpreter would
+        #: only make them slow). The official modules' equivalence is checked on the unfused path,
+        #: and the fused path against it.
+        self.fused: bool | None = None
+
+
+    @property
+    def use_fused(self) -> bool:
+        return self.fused if self.fused is not None else self.pos_start.is_cuda
 
     @classmethod
     def map_official_keys(cls, state: dict) -> dict:
@@ -342,7 +348,7 @@ class InfinityNet(nn.Module):
         x = cond.unsqueeze(1).expand(2 * B, 1, -1) + self.pos_start.expand(2 * B, 1, -1)
         gss = self.shared_ada_lin(cond.float()).float().contiguous()
         state = {"cond": cond, "gss": gss, "text": kv, "bounds": bounds}
-        if self.fused:
+        if self.use_fused:
             # What the fused blocks read at every scale but depends only on the prompts: each
             # block's AdaLN vectors and cross-attention keys and values, made once here.
             state["gss_layers"] = torch.stack([(b.ada_gss + gss).float() for b in self.blocks])
@@ -363,12 +369,12 @@ class InfinityNet(nn.Module):
         the first, ``add_lvl_embeding_only_first_block``), as the official loop does."""
         per = self.cfg.depth // self.cfg.block_chunks
         pending = None  # the fused blocks' deferred gated FFN branch
-        if self.fused:
+        if self.use_fused:
             x = x.float().contiguous()
         for i, block in enumerate(self.blocks):
             if i % per == 0 and (i == 0 or not self.cfg.add_lvl_embeding_only_first_block):
                 x, pending = self._add_level(add_pending(x, pending), cond["step"]), None
-            if self.fused:
+            if self.use_fused:
                 x, pending = block.forward_fused(x, pending, cond, attend_for(i), i)
             else:
                 x = block(x, cond, attend_for(i))

@@ -214,7 +214,6 @@ class AcceleratedModel:
             if self.family == "infinity":
                 self.net.set_schedule(grids, reference_hw or grids[-1])
             cuda = next(self.net.parameters()).is_cuda
-            self.net.fused = cuda
             gen = self._generators[grids] = NextScaleGenerator(
                 self.net, Schedule(grids), self.source.dispatcher(Schedule(grids)), self.aux, graphs=cuda)
         elif self.family == "infinity":

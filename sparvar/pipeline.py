@@ -139,8 +139,6 @@ def build_pipeline(model: str, resolution: str | None = None, *, plan: str = "de
     net = net.to(device, dtype).eval()
     if isinstance(net, InfinityNet):
         net.rope = net.rope.to(device)
-    # The fused block kernels on a GPU; on the CPU the interpreter would only make them slow.
-    net.fused = device == "cuda"
     if aux is not None:
         aux = aux.to(device, dtype).eval()
     dispatcher = StepDispatcher(the_plan, schedule, kernels=kernels)

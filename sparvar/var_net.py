@@ -87,8 +87,8 @@ class VARBlock(nn.Module):
         eps, dtype, sa = self.ln_wo_grad.eps, self.attn.mat_qkv.weight.dtype, self.attn
         y, gy = pending if pending is not None else (None, None)
         x, h = add_norm(x, y, gy, scale=g[:, 2], shift=g[:, 4], eps=eps, out_dtype=dtype)
-        x, h = add_norm(x, sa.out(attn.attend(sa.fused_q(h, attn), sa.scale)), g[:, 0], scale=g[:, 3], shift=g[:, 5], eps=eps,
-                        out_dtype=dtype)
+        x, h = add_norm(x, sa.out(attn.attend(sa.fused_q(h, attn), sa.scale)), g[:, 0], scale=g[:, 3],
+                        shift=g[:, 5], eps=eps, out_dtype=dtype)
         return x, (self.ffn(h), g[:, 1])
 
 
@@ -119,9 +119,14 @@ class VARNet(nn.Module):
                              torch.where(d >= d.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, L, L))
         self.head_nm = AdaLNBeforeHead(C, C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
-        #: Run the blocks' elementwise chains as fused kernels (``VARBlock.forward_fused``): the
-        #: generation path on a GPU sets it.
-        self.fused = False
+        #: Run the blocks' elementwise chains as fused kernels (``VARBlock.forward_fused``):
+        #: ``None`` (default) does where the weights are on a GPU.
+        self.fused: bool | None = None
+
+
+    @property
+    def use_fused(self) -> bool:
+        return self.fused if self.fused is not None else self.pos_start.is_cuda
 
     # The generation loop's steps (sparvar.generation.NextScaleGenerator).
     def begin(self, labels: torch.Tensor):
@@ -133,17 +138,17 @@ class VARNet(nn.Module):
         x = cond.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1) \
             + lvl_pos[:, : self.first_l]
         state = {"cond": cond, "lvl_pos": lvl_pos}
-        if self.fused:
+        if self.use_fused:
             # Every block's AdaLN vectors depend only on the classes: made once here.
             shared = self.shared_ada_lin(cond)
             state["gss_layers"] = torch.stack([b.ada_vectors(shared).float() for b in self.blocks])
         return x, state
 
     def block_cond(self, state: dict, step: int) -> torch.Tensor:
-        return state["gss_layers"] if self.fused else self.shared_ada_lin(state["cond"])
+        return state["gss_layers"] if self.use_fused else self.shared_ada_lin(state["cond"])
 
     def run_blocks(self, x: torch.Tensor, cond: torch.Tensor, attend_for) -> torch.Tensor:
-        if self.fused:
+        if self.use_fused:
             x, pending = x.float().contiguous(), None
             for i, block in enumerate(self.blocks):
                 x, pending = block.forward_fused(x, pending, cond[i], attend_for(i))
