@@ -59,17 +59,21 @@ def scale_similarity(p_s: torch.Tensor, p_next: torch.Tensor, schedule: Schedule
     return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
 
 
-def locality(p: torch.Tensor, schedule: Schedule, step: int, max_distance: int) -> list[float | None]:
+def locality(p: torch.Tensor, schedule: Schedule, step: int, max_distance: int,
+             rows: torch.Tensor | None = None) -> list[float | None]:
     """Per distance ``r = 0..max_distance``: the mean probability of one same-scale key at
     Chebyshev distance ``r`` from its query (a ring's mass over its size, so that uniform
     attention gives a flat curve), averaged over the queries that have keys there (``None`` when
-    none has)."""
+    none has). ``rows``: the scale's query indices ``p`` holds (default: all)."""
     h, w = schedule.grids[step]
     lo = schedule.offsets[step]
-    same = p[..., lo:lo + h * w]  # [B, H, Lq, Lq]
+    same = p[..., lo:lo + h * w]  # [B, H, Lq, h*w]
     idx = torch.arange(h * w)
     y, x = idx // w, idx % w
     dist = torch.maximum((y[:, None] - y[None, :]).abs(), (x[:, None] - x[None, :]).abs())
+    if rows is not None:
+        dist = dist[rows.cpu()]
+    dist = dist.to(p.device)
     out = []
     for r in range(max_distance + 1):
         ring = dist == r
@@ -85,7 +89,7 @@ def locality(p: torch.Tensor, schedule: Schedule, step: int, max_distance: int) 
 
 def recall(p: torch.Tensor, allowed: torch.Tensor) -> float:
     """Mean over queries of the dense mass on allowed keys (``allowed`` broadcasts to ``p``)."""
-    return (p * allowed.to(p.dtype)).sum(-1).mean().item()
+    return (p * allowed.to(p.device, p.dtype)).sum(-1).mean().item()
 
 
 def decision_kept(plan: SparsityPlan, inputs: dict, layer: int) -> torch.Tensor | None:
@@ -118,6 +122,8 @@ class RecordingAttention(StepDispatcher):
     given as ``inputs[(layer, step)] = (q, k, v, scale)``. Without ``values``: q and k in fp32
     on the CPU (probabilities are computed there), v ``None``; with ``values``: copies of q, k,
     v where they are (the kernels run on them; sized for small models)."""
+
+    capturable = False
 
     def __init__(self, schedule: Schedule, steps, *, values: bool = False, **kwargs):
         super().__init__(None, schedule, **kwargs)
@@ -176,7 +182,9 @@ def analyze(pipeline, plan: SparsityPlan, *, seed: int = 0, steps=None, max_dist
 
     out = {"schedule": [list(g) for g in schedule.grids], "depth": depth, "steps": steps,
            "sink_scales": plan.sink_scales, "max_distance": max_distance, "queries_per_step": queries_per_step,
-           "sinks": {}, "similarity": {}, "locality": {}, "recall": {}}
+           "sinks": {}, "similarity": {}, "locality": {}, "recall": {}, "maps": []}
+    # Attention maps at the last scale: the first CS4A layer and the last (CSLA) layer.
+    map_layers = {layer for layer in (0, depth - 1) if plan.kind(layer, steps[-1]) != StepKind.DENSE}
     for layer in range(depth):
         full = {}
         kept = decision_kept(plan, recorder.inputs, layer) if d in wanted else None
@@ -184,16 +192,32 @@ def analyze(pipeline, plan: SparsityPlan, *, seed: int = 0, steps=None, max_dist
             p, rows = probs(layer, s)
             full[s] = p
             out["sinks"].setdefault(str(layer), {})[str(s)] = sink_mass(p, schedule, plan.sink_scales)
-            if rows.numel() == schedule.num_queries(s):
-                out["locality"].setdefault(str(layer), {})[str(s)] = locality(p, schedule, s, max_distance)
+            out["locality"].setdefault(str(layer), {})[str(s)] = locality(p, schedule, s, max_distance, rows)
             if plan.kind(layer, s) != StepKind.DENSE:
                 mask = pattern_mask(plan, schedule, layer, s, kept)
                 mask = mask[..., rows, :] if mask.dim() == 4 else mask[rows]
                 out["recall"].setdefault(str(layer), {})[str(s)] = recall(p, mask)
+                if s == steps[-1] and layer in map_layers:
+                    out["maps"].extend(_maps(p, mask, rows, schedule, s, layer, plan.kind(layer, s).value))
         for s in steps:
             if s + 1 in full:
                 out["similarity"].setdefault(str(layer), {})[f"{s}-{s + 1}"] = scale_similarity(
                     full[s], full[s + 1], schedule, s)
+    return out
+
+
+def _maps(p, mask, rows, schedule: Schedule, step: int, layer: int, kind: str, n: int = 2) -> list[dict]:
+    """Same-scale attention of ``n`` queries (sample 0, head 0: CS4A keeps keys per head) as
+    ``h x w`` maps, with the keys the pattern allows there, for the README's pictures."""
+    h, w = schedule.grids[step]
+    lo = schedule.offsets[step]
+    out = []
+    for i in torch.linspace(len(rows) // 3, len(rows) - 1 - len(rows) // 5, n).round().long().tolist():
+        m = mask[0, 0, i] if mask.dim() == 4 else mask[i]
+        out.append({"layer": layer, "step": step, "kind": kind, "query": int(rows[i]),
+                    "probs": [[float(f"{v:.4g}") for v in r] for r in p[0, 0, i, lo:lo + h * w].view(h, w).tolist()],
+                    "allowed": m[lo:lo + h * w].view(h, w).int().tolist(),
+                    "mass_elsewhere": float(1 - p[0, 0, i, lo:lo + h * w].sum())})
     return out
 
 
@@ -234,11 +258,32 @@ def plot_analysis(result: dict, folder: Path) -> list[Path]:
             curves = [result["locality"][x][str(s)] for x in layers if str(s) in result["locality"].get(x, {})]
             if curves:
                 rs = [r for r in range(result["max_distance"] + 1) if curves[0][r] is not None]
-                ax.plot(rs, [sum(c[r] for c in curves) / len(curves) for r in rs], marker=".", label=f"scale {s}")
-        ax.set(xlabel="Chebyshev distance in the query's grid", ylabel="probability per key (mean over layers)",
+                n_keys = sum(h * w for h, w in result["schedule"][:s + 1])
+                ax.plot(rs, [n_keys * sum(c[r] for c in curves) / len(curves) for r in rs], marker=".",
+                        label=f"scale {s}")
+        ax.set(xlabel="Chebyshev distance in the query's grid", ylabel="probability per key x keys (1: uniform)",
                yscale="log", title="locality: same-scale attention against distance")
         ax.legend(fontsize=7)
         paths.append(folder / "locality.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if result.get("maps"):
+        import numpy as np
+
+        maps = result["maps"]
+        fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.4), squeeze=False)
+        for ax, m in zip(axes[0], maps):
+            probs = np.array(m["probs"])
+            ax.imshow(np.log10(np.maximum(probs, 1e-7)), cmap="magma")
+            ax.contour(np.array(m["allowed"]), levels=[0.5], colors="cyan", linewidths=0.8)
+            qy, qx = divmod(m["query"], probs.shape[1])  # the query's index in its scale
+            ax.plot([qx], [qy], marker="+", color="lime", markersize=9)
+            ax.set_title(f"layer {m['layer']} ({m['kind']}), scale {m['step']}\n"
+                         f"{m['mass_elsewhere']:.2f} of the mass on earlier scales", fontsize=8)
+            ax.axis("off")
+        fig.suptitle("log10 attention on the query's own scale; cyan: keys the pattern keeps", fontsize=9)
+        paths.append(folder / "attention_maps.png")
         fig.tight_layout()
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)

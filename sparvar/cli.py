@@ -15,7 +15,8 @@ __all__ = ["main"]
 
 def _weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="checkpoint (.safetensors or torch) with the official parameter "
-                   "names (default: seeded random weights)")
+                   "names (default: seeded random weights; for --model small, its trained weights shipped with "
+                   "the package)")
 
 
 def _model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny") -> None:
@@ -101,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="One dense generation; from the model's own attention: mass on the sink scales per "
                        "layer, cross-scale similarity of key profiles, mass against spatial distance, and the share "
                        "of each query's dense mass that the plan's pattern keeps (recall). JSON and plots in --out. "
-                       "Random weights have none of this structure: use --weights for a trained model.")
-    _model_args(p)
+                       "Random weights have none of this structure: the default model is the trained small one.")
+    _model_args(p, "small")
     _weights_arg(p)
     p.add_argument("--plan", default="default", help="whose patterns' recall to measure: default or a plan/config "
                    "file (default: %(default)s)")
@@ -118,8 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                        "only, CSLA windows one size smaller and larger, and dense with the last one or two scales "
                        "skipped: PSNR and SSIM against the dense images (the decoder's input features where the "
                        "model has no decoder), per (layer, scale) attention error and recall on the dense inputs, "
-                       "and each row's generation time. eval.json, eval.md and grid.png in --out.")
-    _model_args(p)
+                       "and each row's generation time. eval.json, eval.md and grid.png in --out. The default model is the "
+                       "trained small one (256x256 images; minutes on a GPU, hours in the CPU interpreter).")
+    _model_args(p, "small")
     _weights_arg(p)
     p.add_argument("--plan", default="default", help="the plan to compare and vary: default or a plan/config file "
                    "(default: %(default)s)")
@@ -320,8 +322,7 @@ def _cmd_eval(args) -> int:
 
     if args.plan == "dense":
         raise SparvarError("--plan dense has nothing to compare with dense attention; use default or a plan/config file")
-    pipe = build_pipeline(args.model, args.resolution, plan=args.plan, weights=args.weights, seed=args.seeds[0],
-                          graphs=False)
+    pipe = build_pipeline(args.model, args.resolution, plan=args.plan, weights=args.weights, seed=args.seeds[0])
     skips = [n for n in (1, 2) if n < pipe.schedule.num_scales]
     result, grid = evaluate(pipe, pipe.plan, seeds=tuple(args.seeds), skips=skips)
     paths = write_evaluation(result, grid, Path(args.out))

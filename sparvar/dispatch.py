@@ -79,6 +79,10 @@ class StepDispatcher:
     bound on what faster sparse attention could gain; the outputs mean nothing).
     """
 
+    #: Whether a CUDA graph may capture its calls (a subclass with Python side effects per call,
+    #: such as recording its inputs, would have them only at capture, never at the replays).
+    capturable = True
+
     def __init__(self, plan: SparsityPlan | None, schedule: Schedule, *, backend: Backend = Backend.KERNELS,
                  kernels: dict[LaunchKey, KernelConfig] | None = None, skip_sparse: bool = False):
         self.skip_sparse = skip_sparse

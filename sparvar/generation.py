@@ -109,6 +109,7 @@ class NextScaleGenerator:
         self.net, self.schedule, self.dispatcher, self.aux = net, schedule, dispatcher, aux
         self.graphs = graphs
         self._graphs: dict = {}
+        self._graphs_for: StepDispatcher | None = None  # the dispatcher whose attention they replay
         self._cache: KVCache | None = None
         self._state: dict | None = None
         #: Why a scale's graph could not be captured (it then runs eagerly), one entry per failure.
@@ -183,8 +184,12 @@ class NextScaleGenerator:
         return GenerationResult(tokens, carry, times)
 
     def _run_scale(self, step, x, state, cache):
-        if not (self.graphs and x.is_cuda):
+        if not (self.graphs and x.is_cuda and self.dispatcher.capturable):
             return self._scale(step, x, state, cache)
+        if self._graphs_for is not self.dispatcher:
+            # A graph replays the attention it captured: another dispatcher needs graphs of its own.
+            self._graphs.clear()
+            self._graphs_for = self.dispatcher
         key = (step, tuple(x.shape), x.dtype)
         entry = self._graphs.get(key)
         if entry is None:

@@ -24,7 +24,7 @@ from sparvar.kernels.fused import add_norm
 from .generation import sample_top_k_top_p
 from .layers import FFN, AdaLNBeforeHead, SelfAttention, adaln_modulate, add_pending
 
-__all__ = ["InfinityConfig", "InfinityNet", "TextCondition", "rope_table", "bits_to_codes"]
+__all__ = ["InfinityConfig", "InfinityNet", "TextCondition", "rope_table", "bits_to_codes", "accumulate_codes"]
 
 
 @dataclass(frozen=True)
@@ -337,24 +337,26 @@ class InfinityNet(nn.Module):
         and the conditioning; the unconditional prompt is ``cfg_uncond`` cut to each length."""
         if self.rope is None:
             raise ValueError("call set_schedule(grids, reference_hw) before generating")
-        kv = text.kv_compact
-        B = len(text.lens)
-        uncond = torch.cat([self.cfg_uncond[:n] for n in text.lens]).to(kv.dtype)
-        kv = self.text_norm(torch.cat((kv, uncond)))
-        lens = list(text.lens) * 2
-        bounds = tuple(sum(lens[:i]) for i in range(len(lens) + 1))
-        cond = self.text_proj_for_sos(kv, bounds)
-        kv = self.text_proj_for_ca(kv)
-        x = cond.unsqueeze(1).expand(2 * B, 1, -1) + self.pos_start.expand(2 * B, 1, -1)
-        gss = self.shared_ada_lin(cond.float()).float().contiguous()
-        state = {"cond": cond, "gss": gss, "text": kv, "bounds": bounds}
+        uncond = torch.cat([self.cfg_uncond[:n] for n in text.lens]).to(text.kv_compact.dtype)
+        x, state = self.condition(torch.cat((text.kv_compact, uncond)), list(text.lens) * 2)
         if self.use_fused:
             # What the fused blocks read at every scale but depends only on the prompts: each
             # block's AdaLN vectors and cross-attention keys and values, made once here.
-            state["gss_layers"] = torch.stack([(b.ada_gss + gss).float() for b in self.blocks])
-            k, v, mask = zip(*(b.ca.text_kv(kv, bounds) for b in self.blocks))
+            state["gss_layers"] = torch.stack([(b.ada_gss + state["gss"]).float() for b in self.blocks])
+            k, v, mask = zip(*(b.ca.text_kv(state["text"], state["bounds"]) for b in self.blocks))
             state.update(ca_k=torch.stack(k), ca_v=torch.stack(v), ca_mask=mask[0])
         return x, state
+
+    def condition(self, kv_compact: torch.Tensor, lens: list[int]):
+        """Text rows of ``len(lens)`` prompts -> their start tokens ``[B, 1, C]`` and the
+        conditioning the blocks read (pooled text, AdaLN vectors, projected text rows and their
+        bounds). ``begin`` calls it with the unconditional prompts appended; training without them."""
+        kv = self.text_norm(kv_compact)
+        bounds = tuple(sum(lens[:i]) for i in range(len(lens) + 1))
+        cond = self.text_proj_for_sos(kv, bounds)
+        x = cond.unsqueeze(1) + self.pos_start
+        gss = self.shared_ada_lin(cond.float()).float().contiguous()
+        return x, {"cond": cond, "gss": gss, "text": self.text_proj_for_ca(kv), "bounds": bounds}
 
     def block_cond(self, state: dict, step: int) -> dict:
         lo = sum(h * w for h, w in self.grids[:step])
@@ -398,15 +400,59 @@ class InfinityNet(nn.Module):
     def next_input(self, step: int, bits: torch.Tensor, aux, carry):
         """Bits of ``step`` -> ``(next scale's input [2B, l, C] or None, summed codes)``: codes are
         summed on the last grid (trilinear), and the sum, resampled to the next grid, is the input."""
-        (h, w), (H, W) = self.grids[step], self.grids[-1]
-        B, d = bits.shape[0], self.cfg.codebook_dim
-        codes = bits_to_codes(bits.reshape(B, h, w, d).unsqueeze(1).unsqueeze(-2), d).squeeze(-2)
-        codes = codes.permute(0, 4, 1, 2, 3)  # [B, d, 1, h, w]
+        nxt, carry = self.next_features(step, bits, carry)
+        return (None if nxt is None else self.word_embed(nxt).repeat(2, 1, 1)), carry
+
+    def next_features(self, step: int, bits: torch.Tensor, carry):
+        """``next_input`` before the embedding: ``(next scale's features [B, l, d] or None, carry)``."""
+        carry = accumulate_codes(carry, bits, self.grids[step], self.grids[-1], self.cfg.codebook_dim)
         if step == len(self.grids) - 1:
-            return None, codes if carry is None else carry + codes
-        up = F.interpolate(codes, size=(1, H, W), mode="trilinear")
-        carry = up if carry is None else carry + up
-        nh, nw = self.grids[step + 1]
-        nxt = F.interpolate(carry, size=(1, nh, nw), mode="trilinear").squeeze(-3)
-        x = self.word_embed(nxt.reshape(B, d, -1).permute(0, 2, 1))
-        return x.repeat(2, 1, 1), carry
+            return None, carry
+        B, d = bits.shape[0], self.cfg.codebook_dim
+        nxt = F.interpolate(carry, size=(1, *self.grids[step + 1]), mode="trilinear").squeeze(-3)
+        return nxt.reshape(B, d, -1).permute(0, 2, 1), carry
+
+    def forward(self, text: TextCondition, bits: list[torch.Tensor], attend=None) -> torch.Tensor:
+        """Teacher forcing (training, and the oracle of the generation loop): the logits
+        ``[B, L, 2d]`` of every scale of the schedule given the bits ``[B, h*w, d]`` of every scale
+        (the last scale's bits are not read), all scales in one pass with each scale attending to
+        itself and the scales before it. ``attend(q, k, v, scale)`` defaults to SDPA with that
+        block-causal mask; the training script passes a faster one with the same mask."""
+        if self.rope is None:
+            raise ValueError("call set_schedule(grids, reference_hw) before running the network")
+        if len(bits) != len(self.grids):
+            raise ValueError(f"bits: expected one tensor per scale ({len(self.grids)}), got {len(bits)}")
+        x, state = self.condition(text.kv_compact, list(text.lens))
+        inputs, carry = [x], None
+        for step in range(len(self.grids) - 1):
+            nxt, carry = self.next_features(step, bits[step], carry)
+            inputs.append(self.word_embed(nxt))
+        x = torch.cat(inputs, dim=1)
+        sizes = [h * w for h, w in self.grids]
+        level = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), torch.tensor(sizes, device=x.device))
+        if attend is None:
+            mask = level[:, None] >= level[None, :]
+
+            def attend(q, k, v, scale):
+                return F.scaled_dot_product_attention(q, k, v.to(q.dtype), attn_mask=mask, scale=scale)
+        cond = {**state, "rope": self.rope}
+        per = self.cfg.depth // self.cfg.block_chunks
+        for i, block in enumerate(self.blocks):
+            if i % per == 0 and (i == 0 or not self.cfg.add_lvl_embeding_only_first_block):
+                x = x + self.lvl_embed(level)
+            x = block(x, cond, attend)
+        return self.logits(x, state)
+
+
+def accumulate_codes(carry: torch.Tensor | None, bits: torch.Tensor, hw: tuple[int, int], last_hw: tuple[int, int],
+                     codebook_dim: int) -> torch.Tensor:
+    """``carry + `` the codes of ``bits [B, h*w, d]`` on the ``hw`` grid resampled to the last grid
+    (trilinear, as the official VAE sums them): the summed codes ``[B, d, 1, H, W]``. A scale on
+    the last grid is added as it is."""
+    (h, w), (H, W) = hw, last_hw
+    B = bits.shape[0]
+    codes = bits_to_codes(bits.reshape(B, h, w, codebook_dim).unsqueeze(1).unsqueeze(-2), codebook_dim).squeeze(-2)
+    codes = codes.permute(0, 4, 1, 2, 3)  # [B, d, 1, h, w]
+    if (h, w) != (H, W):
+        codes = F.interpolate(codes, size=(1, H, W), mode="trilinear")
+    return codes if carry is None else carry + codes

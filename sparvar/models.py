@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sparvar.reference import Schedule, default_plan, schedule_for_pixels, var_schedule
+from sparvar.reference import Schedule, default_plan, infinity_schedule, schedule_for_pixels, var_schedule
 
 from .errors import SparvarError
 
@@ -33,9 +33,14 @@ MODELS = {
        for d in (16, 20, 24, 30)},
     # A small model for CPU runs through Triton's interpreter (CI, first contact).
     "tiny": ModelPreset("tiny", "tiny", 4, 2, 16, batch=1, default_resolution="128x128", bound_layer=1),
+    # The model trained here (sparvar.small): 256x256 images from 4x4-pixel tokens on Infinity's
+    # 1024 token schedule. CS4A on its first 4 of 12 layers, the share Infinity's default plan
+    # gives it (11 of 32).
+    "small": ModelPreset("small", "small", 12, 3, 128, default_resolution="256x256", bound_layer=3),
 }
 
 _TINY = Schedule([(1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)], name="tiny-128")
+_SMALL = Schedule(infinity_schedule("1.000", "1M").grids, name="small-256")
 
 
 def get_model(name: str) -> ModelPreset:
@@ -65,6 +70,10 @@ def resolve_schedule(model: ModelPreset, height: int, width: int) -> Schedule:
         if (height, width) != _TINY.pixel_hw:
             raise SparvarError(f"model tiny has one resolution, 128x128; got {height}x{width}")
         return _TINY
+    if model.family == "small":
+        if (height, width) != (256, 256):
+            raise SparvarError(f"model small has one resolution, 256x256; got {height}x{width}")
+        return _SMALL
     if model.family == "var":
         if height != width or height not in (256, 512):
             raise SparvarError(f"VAR models run at 256x256 or 512x512, got {height}x{width}")

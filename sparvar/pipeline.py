@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,6 +24,7 @@ from .errors import SparvarError
 from .generation import NextScaleGenerator
 from .infinity_net import InfinityConfig, InfinityNet, TextCondition
 from .models import ModelPreset, get_model, model_plan, parse_resolution, resolve_schedule
+from .small import load_small
 from .var_net import VARConfig, VARNet, VQInput
 
 __all__ = ["Pipeline", "build_pipeline", "resolve_plan", "infinity_reference_grid", "TINY_INFINITY"]
@@ -41,12 +43,19 @@ class Pipeline:
     generator: NextScaleGenerator
     plan: SparsityPlan | None
     plan_source: str
+    #: Summed codes -> images in [0, 1], for a model with a decoder (``small``).
+    decoder: Callable | None = None
+    #: A model with pseudo-classes (``small``): their text features ``[K, T, Ct5]``.
+    classes: torch.Tensor | None = None
 
     def condition(self, seed: int, batch: int = 1):
-        """Seeded stand-in conditioning: ``batch`` prompts of 16-32 random T5-shaped rows
-        (Infinity) or ``batch`` class labels (VAR)."""
+        """Seeded conditioning: ``batch`` seeded pseudo-classes (``small``), else stand-ins:
+        prompts of 16-32 random T5-shaped rows (Infinity) or class labels (VAR)."""
         g = torch.Generator().manual_seed(seed)
         device = next(self.net.parameters()).device
+        if self.classes is not None:
+            labels = torch.randint(0, self.classes.shape[0], (batch,), generator=g)
+            return TextCondition.from_features([self.classes[c].to(device, self.net.pos_start.dtype) for c in labels])
         if isinstance(self.net, VARNet):
             return torch.randint(0, self.net.cfg.num_classes, (batch,), generator=g).to(device)
         dtype = next(self.net.parameters()).dtype
@@ -93,7 +102,7 @@ def _net(preset: ModelPreset, schedule: Schedule, resolution: tuple[int, int]):
         return VARNet(cfg), VQInput(cfg)
     cfg = TINY_INFINITY if preset.family == "tiny" else InfinityConfig.preset(preset.name)
     net = InfinityNet(cfg)
-    if preset.family == "tiny":
+    if preset.family in ("tiny", "small"):
         reference = schedule.grids[-1]
     else:
         reference = infinity_reference_grid(*resolution)
@@ -131,11 +140,18 @@ def build_pipeline(model: str, resolution: str | None = None, *, plan: str = "de
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     torch.manual_seed(seed)
-    # Initialised on the device itself: an 8B network's random init on the CPU takes minutes.
-    with torch.device(device):
-        net, aux = _net(preset, schedule, (h, w))
-    if weights is not None:
-        _load_weights(net, weights)
+    decoder = classes = None
+    if preset.family == "small":
+        # Trained weights (the shipped file unless --weights names another), never random.
+        small = load_small(weights)
+        net, aux, decoder, classes = small.net, None, small.tokenizer.to(device).decode, small.classes
+        net.set_schedule(schedule.grids, schedule.grids[-1])
+    else:
+        # Initialised on the device itself: an 8B network's random init on the CPU takes minutes.
+        with torch.device(device):
+            net, aux = _net(preset, schedule, (h, w))
+        if weights is not None:
+            _load_weights(net, weights)
     net = net.to(device, dtype).eval()
     if isinstance(net, InfinityNet):
         net.rope = net.rope.to(device)
@@ -143,4 +159,4 @@ def build_pipeline(model: str, resolution: str | None = None, *, plan: str = "de
         aux = aux.to(device, dtype).eval()
     dispatcher = StepDispatcher(the_plan, schedule, kernels=kernels)
     gen = NextScaleGenerator(net, schedule, dispatcher, aux, graphs=device == "cuda" if graphs is None else graphs)
-    return Pipeline(preset, schedule, net, gen, the_plan, source)
+    return Pipeline(preset, schedule, net, gen, the_plan, source, decoder, classes)

@@ -82,3 +82,34 @@ def test_end_to_end_benchmark_runs_every_row_on_the_cpu(tmp_path, monkeypatch):
     assert [r["impl"] for r in rows] == ["ours_dense", "ours_sparse", "ours_sparse_skip2", "ceiling_sparse_noop",
                                          "official_eager", "official_patched", "official_accelerated"]
     assert all(r["ms"] > 0 for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphs_follow_the_generators_dispatcher():
+    """With CUDA graphs, generations with another dispatcher run that dispatcher's attention
+    (a captured graph replays the attention it captured), equal to the same generation without
+    graphs; a recording dispatcher is never captured."""
+    from sparvar.analysis import RecordingAttention
+    from sparvar.dispatch import StepDispatcher
+
+    pipe = build_pipeline("tiny", plan="default", device="cuda", graphs=True)
+    eager = build_pipeline("tiny", plan="default", device="cuda", graphs=False)
+    cond = pipe.condition(0)
+    dense_disp = StepDispatcher(None, pipe.schedule)
+    outs = {}
+    for name, gen in (("graphs", pipe.generator), ("eager", eager.generator)):
+        sparse_disp = gen.dispatcher
+        first = gen.generate(cond, seed=3).features
+        gen.dispatcher = dense_disp
+        dense = gen.generate(cond, seed=3).features
+        gen.dispatcher = sparse_disp
+        again = gen.generate(cond, seed=3).features
+        outs[name] = (first, dense, again)
+    assert not torch.equal(outs["graphs"][0], outs["graphs"][1])
+    for a, b in zip(outs["graphs"], outs["eager"]):
+        torch.testing.assert_close(a, b)
+    recorder = RecordingAttention(pipe.schedule, range(pipe.schedule.num_scales))
+    pipe.generator.dispatcher = recorder
+    pipe.generator.generate(cond, seed=3)
+    assert len(recorder.inputs) == pipe.schedule.num_scales * pipe.preset.depth
