@@ -34,7 +34,7 @@ from .setup import TuneSetup
 from .space import plan_units
 from .storage import create_study, open_storage
 
-__all__ = ["load_calibration", "plan_error", "semantic_params", "run_quality_search", "make_calibration",
+__all__ = ["BUILTIN", "builtin_calibration", "load_calibration", "plan_error", "semantic_params", "run_quality_search", "make_calibration",
            "first_calibration_step"]
 
 
@@ -58,10 +58,44 @@ def _read_calibration(path: str | Path):
         raise SparvarError(f"calibration file {path} cannot be read: {type(e).__name__}: {e}") from None
 
 
-def load_calibration(path: str | Path, schedule, depth: int) -> dict:
-    """Load and validate a ``torch.save`` file or a folder written by ``sparvar capture``;
-    ``SparvarError`` names the layer, step and tensor that is wrong."""
-    if Path(path).is_dir():
+#: ``--calibration builtin``: the trained small model's own attention inputs.
+BUILTIN = "builtin"
+
+
+def builtin_calibration(model: str, schedule, depth: int, seeds=(0,)) -> dict:
+    """The small model's attention inputs (``sparvar.small``) from dense generations of ``seeds``
+    at its first, middle and last layer and the steps the search reads: calibration data from a
+    trained model for anyone without their own. Only for ``--model small``: another model's
+    attention is its own (``sparvar capture`` records it)."""
+    from sparvar.analysis import RecordingAttention, generate_with
+    from sparvar.pipeline import build_pipeline
+
+    if model != "small":
+        raise SparvarError(f"--calibration builtin is the small model's attention (12 layers, 3 heads); for "
+                           f"{model} capture its own with `sparvar capture --model {model} --weights ... --out DIR`")
+    pipe = build_pipeline("small", plan="dense", graphs=False)
+    steps = range(first_calibration_step(schedule.num_scales), schedule.num_scales)
+    layers = sorted({0, depth // 2, depth - 1})
+    out = {"scale": None, "layers": {layer: {} for layer in layers}}
+    for sample, seed in enumerate(seeds):
+        recorder = RecordingAttention(pipe.schedule, steps, values=True, layers=layers,
+                                      backend=pipe.generator.dispatcher.backend)
+        generate_with(pipe, recorder, seed)
+        for (layer, step), (q, k, v, scale) in recorder.inputs.items():
+            entry = {"q": q.cpu(), "k": k.cpu(), "v": v.cpu()}
+            prev = out["layers"][layer].get(step)
+            out["layers"][layer][step] = entry if prev is None else {n: torch.cat((prev[n], entry[n])) for n in entry}
+            out["scale"] = scale
+    return out
+
+
+def load_calibration(path: str | Path, schedule, depth: int, model: str | None = None) -> dict:
+    """Load and validate a ``torch.save`` file or a folder written by ``sparvar capture`` (or
+    ``builtin``: ``builtin_calibration`` of ``model``); ``SparvarError`` names the layer, step
+    and tensor that is wrong."""
+    if str(path) == BUILTIN:
+        data = builtin_calibration(model, schedule, depth)
+    elif Path(path).is_dir():
         data = read_calibration_folder(path)
         if [tuple(g) for g in data["grids"]] != list(schedule.grids):
             raise SparvarError(f"calibration folder {path} was captured on the schedule {data['grids']}, "

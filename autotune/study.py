@@ -182,7 +182,8 @@ def run_autotune(opts: AutotuneOptions):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     setup = build_setup(opts)
     check_output_dir(opts.output_dir or user_config_dir())
-    calibration = load_calibration(opts.calibration, setup.schedule, setup.plan.depth) if opts.calibration else None
+    calibration = load_calibration(opts.calibration, setup.schedule, setup.plan.depth,
+                                   setup.preset.name) if opts.calibration else None
     storage_url = opts.storage or default_storage_url()
     storage = open_storage(storage_url, opts.lock_timeout)
     _warn_if_slow_on_cpu(setup, opts.trials)

@@ -119,19 +119,20 @@ def pattern_mask(plan: SparsityPlan, schedule: Schedule, layer: int, step: int,
 
 class RecordingAttention(StepDispatcher):
     """Dense attention (``plan=None``) that keeps, per (layer, step) of ``steps``, what it was
-    given as ``inputs[(layer, step)] = (q, k, v, scale)``. Without ``values``: q and k in fp32
+    given as ``inputs[(layer, step)] = (q, k, v, scale)`` (of every layer, or of ``layers``). Without ``values``: q and k in fp32
     on the CPU (probabilities are computed there), v ``None``; with ``values``: copies of q, k,
     v where they are (the kernels run on them; sized for small models)."""
 
     capturable = False
 
-    def __init__(self, schedule: Schedule, steps, *, values: bool = False, **kwargs):
+    def __init__(self, schedule: Schedule, steps, *, values: bool = False, layers=None, **kwargs):
         super().__init__(None, schedule, **kwargs)
         self.steps, self.values = set(steps), values
+        self.layers = None if layers is None else set(layers)
         self.inputs: dict = {}
 
     def __call__(self, layer, step, q, k, v, scale=1.0):
-        if step in self.steps:
+        if step in self.steps and (self.layers is None or layer in self.layers):
             if self.values:
                 kept = tuple(t.detach().clone() for t in (q, k, v))
             else:

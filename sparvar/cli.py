@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler and input seed (default: 0)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on one shared study, one per visible GPU "
                    "(default: 1)")
-    p.add_argument("--calibration", default=None, help="torch file of q/k/v per (layer, scale) for the "
-                   "semantic search (windows, sinks, decision scale, keep ratio); needs --max-rel-error")
+    p.add_argument("--calibration", default=None, help="q/k/v per (layer, scale) for the semantic search (windows, "
+                   "sinks, decision scale, keep ratio): a torch file, a `sparvar capture` folder, or builtin (the "
+                   "trained small model's own, with --model small); needs --max-rel-error")
     p.add_argument("--max-rel-error", type=float, default=None,
                    help="quality bound: largest relative error of attention outputs against dense (with --calibration)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -222,10 +223,15 @@ def _cmd_generate(args) -> int:
 
     if args.skip_last < 0:
         raise SparvarError(f"--skip-last must be >= 0, got {args.skip_last}")
-    out = Path(args.out or f"sparvar-{args.model}-seed{args.seed}.pt")
-    if out.suffix != ".pt":
-        raise SparvarError(f"--out {out}: no image decoder is available here, so the output is tokens and "
-                           "features in a .pt file")
+    from .models import get_model, parse_resolution
+
+    preset = get_model(args.model)
+    image_hw = parse_resolution(args.resolution, preset)
+    out = Path(args.out or f"sparvar-{args.model}-seed{args.seed}.{'png' if preset.decoder else 'pt'}")
+    if out.suffix not in (".pt", ".png") or (out.suffix == ".png" and not preset.decoder):
+        raise SparvarError(f"--out {out}: " + ("the output is a .png image or a .pt file of tokens and features"
+                                                if preset.decoder else "no image decoder is available here for "
+                                                f"{preset.name}, so the output is tokens and features in a .pt file"))
     if not out.parent.is_dir():
         raise SparvarError(f"--out {out}: the folder {out.parent} does not exist")
     pipe = build_pipeline(args.model, args.resolution, plan=args.plan, weights=args.weights, seed=args.seed)
@@ -242,7 +248,7 @@ def _cmd_generate(args) -> int:
     t0 = time.perf_counter()
     result = pipe.generator.generate(cond, seed=args.seed, **opts)
     total = (time.perf_counter() - t0) * 1e3
-    print(f"{pipe.preset.name} {pipe.schedule.pixel_hw[0]}x{pipe.schedule.pixel_hw[1]}, plan: {pipe.plan_source}"
+    print(f"{pipe.preset.name} {image_hw[0]}x{image_hw[1]}, plan: {pipe.plan_source}"
           f"{'' if cuda else ' (Triton interpreter on the CPU: times say nothing about a GPU)'}")
     print(f"{'scale':>5} {'grid':>9} {'kind of attention':<28} {'ms':>9}")
     for step, ms in enumerate(result.scale_ms):
@@ -250,10 +256,19 @@ def _cmd_generate(args) -> int:
         h, w = pipe.schedule.grids[step]
         print(f"{step:>5} {f'{h}x{w}':>9} {'+'.join(kinds):<28} {ms:>9.2f}")
     print(f"total {total:.1f} ms" + (f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""))
+    if out.suffix == ".png":
+        import matplotlib.image
+
+        image = pipe.decoder(result.features)[0].permute(1, 2, 0).float().cpu().numpy()
+        tmp = out.with_name(out.name + ".tmp.png")
+        matplotlib.image.imsave(tmp, image)
+        tmp.replace(out)
+        print(f"wrote {out}")
+        return 0
     torch.save({"model": pipe.preset.name, "seed": args.seed, "plan": pipe.plan_source,
                 "tokens": [t.cpu() for t in result.tokens], "features": result.features.float().cpu(),
                 "scale_ms": result.scale_ms}, out)
-    print(f"wrote {out} (tokens and features; no image decoder here)")
+    print(f"wrote {out} (tokens and features" + ("" if preset.decoder else "; no image decoder here") + ")")
     return 0
 
 

@@ -24,6 +24,8 @@ class ModelPreset:
     default_resolution: str = "1024x1024"
     # Last CS4A layer; None: the plan's default (10, or the last layer of shallower models).
     bound_layer: int | None = None
+    # Whether the pipeline has an image decoder (generate writes images).
+    decoder: bool = False
 
 
 MODELS = {
@@ -36,7 +38,8 @@ MODELS = {
     # The model trained here (sparvar.small): 256x256 images from 4x4-pixel tokens on Infinity's
     # 1024 token schedule. CS4A on its first 4 of 12 layers, the share Infinity's default plan
     # gives it (11 of 32).
-    "small": ModelPreset("small", "small", 12, 3, 128, default_resolution="256x256", bound_layer=3),
+    "small": ModelPreset("small", "small", 12, 3, 128, default_resolution="256x256", bound_layer=3,
+                         decoder=True),
 }
 
 _TINY = Schedule([(1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)], name="tiny-128")

@@ -146,3 +146,35 @@ def test_shipped_weights_load_and_are_small_enough():
     model = load_small()
     assert len(model.meta["classes"]) == model.classes.shape[0]
     assert model.meta["training"]["steps"] > 0
+
+
+def test_small_generates_an_image_on_the_cpu(tmp_path, capsys):
+    """``sparvar generate --model small`` decodes to a PNG of the model's resolution."""
+    import matplotlib.image
+
+    from sparvar.cli import main
+
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "small", "--plan", "dense", "--skip-last", "2", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert "small 256x256" in capsys.readouterr().out
+    img = matplotlib.image.imread(out)
+    assert img.shape[:2] == (256, 256) and img[..., :3].std() > 0.01
+
+
+def test_builtin_calibration_is_the_small_models_own(tmp_path):
+    """``--calibration builtin``: the small model's recorded attention, valid for the semantic
+    search of ``small`` (shapes checked by ``load_calibration``); another model is told to capture
+    its own."""
+    from sparvar.autotune.quality import BUILTIN, first_calibration_step, load_calibration
+    from sparvar.models import get_model, resolve_schedule
+
+    with pytest.raises(SparvarError, match="capture its own"):
+        load_calibration(BUILTIN, resolve_schedule(get_model("tiny"), 128, 128), 4, "tiny")
+    schedule = resolve_schedule(get_model("small"), 256, 256)
+    cal = load_calibration(BUILTIN, schedule, 12, "small")
+    assert sorted(cal["layers"]) == [0, 6, 11] and cal["scale"] == 1.0
+    S = schedule.num_scales
+    assert sorted(cal["layers"][11]) == list(range(first_calibration_step(S), S))
+    q = cal["layers"][11][S - 1]["q"]
+    assert q.shape == (2, 3, 64 * 64, 128) and torch.isfinite(q).all()
