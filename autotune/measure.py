@@ -84,7 +84,8 @@ class StepMeasurer:
 
     def check(self, kind: StepKind, step: int, result, state) -> str:
         """Empty string if the kernel result matches the reference backend on slice (0, 0), else why."""
-        q, k, v = (t[:1, :1].double() for t in self.inputs(step))
+        # The reference runs on the CPU, in float64, on slice (0, 0) of the inputs.
+        q, k, v = (t[:1, :1].double().cpu() for t in self.inputs(step))
         s, plan = self.schedule, self.plan
         if kind == StepKind.CS4A_DECIDE:
             dense = R.dense_attention(q, k, v, 1.0)
@@ -99,7 +100,7 @@ class StepMeasurer:
                 st = self.decision_state()
                 ref_state = R.CS4AState(st.decision_scale, st.kept[:1, :1].long().cpu(),
                                         None if st.residual is None else st.residual[:1, :1].double().cpu())
-            want = run_step(kind, q.cpu(), k.cpu(), v.cpu(), s, step, plan, 1.0, ref_state, backend=Backend.REFERENCE)[0]
+            want = run_step(kind, q, k, v, s, step, plan, 1.0, ref_state, backend=Backend.REFERENCE)[0]
             pairs = [("out", result, want, None)]
         for name, got, want, norm_of in pairs:
             err = R.relative_error(got[:1, :1].cpu(), want.cpu(), None if norm_of is None else norm_of.cpu())
@@ -150,10 +151,16 @@ def _worker_main(conn, factory, args) -> None:
             # A CUDA error leaves this process's context unusable: report, then exit so the
             # parent starts a fresh worker.
             conn.send(Measurement("crash", message=f"{type(e).__name__}: {e}"))
-            if "CUDA" in str(e) or "cuda" in str(e):
+            if any(m in str(e) for m in _CONTEXT_ERRORS):
                 return
         except Exception as e:  # noqa: BLE001 - reported to the study as this trial's failure
             conn.send(Measurement("crash", message=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+
+
+#: Messages of errors after which the CUDA context is unusable (a device mismatch or a bad shape,
+#: which mention "cuda" too, leave it intact: the worker goes on).
+_CONTEXT_ERRORS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error",
+                   "unspecified launch failure")
 
 
 class BenchWorker:

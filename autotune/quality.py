@@ -22,6 +22,7 @@ import optuna
 import torch
 
 from sparvar.capture import read_calibration_folder
+from sparvar.configs import user_config_dir
 from sparvar.dispatch import StepDispatcher
 from sparvar.errors import SparvarError
 from sparvar.kernels import default_config
@@ -206,8 +207,14 @@ def run_quality_search(opts, setup: TuneSetup, storage_url: str, calibration: di
     if not feasible:
         errors = [t.values[1] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         best = f"{min(errors):.3g}" if errors else "none measured"
+        seen = ""
+        if errors:  # the front the study found is still worth seeing: it says how far the bound is
+            folder = Path(opts.output_dir or user_config_dir())
+            folder.mkdir(parents=True, exist_ok=True)
+            path = plot_pareto(study, bound, folder / f"{setup.study_name}-semantic.pareto.png")
+            seen = f"; the trials' Pareto front is in {path}"
         raise SparvarError(f"no plan met --max-rel-error {bound} on the calibration data "
-                           f"(smallest error {best}); raise the bound")
+                           f"(smallest error {best}); raise the bound{seen}")
     chosen = min(feasible, key=lambda t: t.values[0])
     setup = setup.with_plan(SparsityPlan.from_dict(chosen.user_attrs["plan"]))
     quality = Quality("max relative error of attention outputs against dense", bound, chosen.user_attrs["rel_error"],
