@@ -48,6 +48,8 @@ SIZE = 256
 
 def load_sources(path: str | None) -> tuple[list[torch.Tensor], list[str]]:
     """The photographs as ``[3, H, W]`` floats in [0, 1], and their names."""
+    if path and not Path(path).is_file():
+        sys.exit(f"train_small: --sources {path}: no such file")
     if path:
         data = np.load(path)
         names = [n for n in SOURCES if n in data]
@@ -126,6 +128,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sources", help=".npz of the photographs (instead of scikit-image)")
     ap.add_argument("--export-sources", metavar="FILE", help="write the photographs to FILE.npz and stop")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the time budget)")
+    ap.add_argument("--fit-images", type=int, default=256, help="crops the tokenizer is fitted on (default 256)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer width-128 stand-in, for a CPU smoke run")
     args = ap.parse_args(argv)
 
@@ -143,7 +146,7 @@ def main(argv=None) -> None:
     grids = schedule.grids
 
     t0 = time.perf_counter()
-    fit_images, _ = crops(images, 256, g)
+    fit_images, _ = crops(images, args.fit_images, g)
     tokenizer, tried = PatchTokenizer.fit(fit_images, PATCH, SMALL_CONFIG.codebook_dim, grids)
     print(f"tokenizer: reconstruction PSNR by scale {({k: round(v, 2) for k, v in tried.items()})} "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
