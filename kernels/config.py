@@ -156,6 +156,11 @@ _DEFAULTS = {
 
 
 def default_config(launch: Launch | str) -> KernelConfig:
+    # A Launch member or its value (Launch is a str enum) is found without converting it: this
+    # runs at every kernel call.
+    config = _DEFAULTS.get(launch) if isinstance(launch, str) else None
+    if config is not None:
+        return config
     try:
         return _DEFAULTS[Launch(launch)]
     except ValueError:
