@@ -51,8 +51,20 @@ def test_analyze_writes_the_measures_and_plots(tmp_path, capsys):
     assert len(result["sinks"]) == 4 and result["steps"] == [1, 2, 3, 4, 5]
     recalls = [x for layer in result["recall"].values() for x in layer.values()]
     assert recalls and all(0.0 <= x <= 1.0 + 1e-12 for x in recalls)
-    assert all((tmp_path / f).stat().st_size > 0 for f in ("sinks.png", "similarity.png", "locality.png"))
+    assert all((tmp_path / f).stat().st_size > 0
+               for f in ("sinks.png", "similarity.png", "locality.png", "attention_maps.png"))
     assert "recall" in capsys.readouterr().out
+    # Locality at every scale (queries sampled), and maps of the last scale's sparse layers: each
+    # a distribution over the scale's grid (with the rest of the mass on earlier scales) and the
+    # pattern's allowed keys there.
+    assert all(str(s) in result["locality"]["0"] for s in result["steps"])
+    h, w = result["schedule"][-1]
+    assert result["maps"] and {m["step"] for m in result["maps"]} == {5}
+    for m in result["maps"]:
+        probs = torch.tensor(m["probs"], dtype=torch.float64)
+        assert probs.shape == (h, w) and (probs >= 0).all()
+        assert abs(probs.sum().item() + m["mass_elsewhere"] - 1) < 1e-3
+        assert {v for row in m["allowed"] for v in row} <= {0, 1} and 0 <= m["query"] < h * w
 
 
 def test_analyze_errors_are_one_line(tmp_path, capsys):
