@@ -134,18 +134,17 @@ def evaluate(pipeline, plan: SparsityPlan, seeds=(0,), skips=(1, 2)) -> tuple[di
     generate_with(pipeline, recorder, seeds[0])
     dense_runs = timed(StepDispatcher(None, schedule, backend=backend))
     rows = [{"row": "dense", "ms": sum(r[1] for r in dense_runs) / len(seeds)}]
-
-    grid = {}
+    # Each seed's dense image, which every row of that seed is compared with: decoded once.
+    refs = [_images(pipeline, r.features, r.features) for r, _ in dense_runs]
+    compared = refs[0][1]
+    grid = {"dense": [ref[0].cpu() for ref, _ in refs[:GRID_SEEDS]]}
 
     def image_row(name, results_ms, extra=None):
-        metrics, compared = [], None
-        for i, ((result, ms), (dense, _)) in enumerate(zip(results_ms, dense_runs)):
-            ref, compared = _images(pipeline, dense.features, dense.features)
+        metrics = []
+        for i, ((result, ms), (dense, _), (ref, _)) in enumerate(zip(results_ms, dense_runs, refs)):
             img, _ = _images(pipeline, result.features, dense.features)
             metrics.append((psnr(img, ref), ssim(img, ref), ms))
             if i < GRID_SEEDS:
-                if len(grid.setdefault("dense", [])) <= i:
-                    grid["dense"].append(ref[0].cpu())
                 grid.setdefault(name, []).append(img[0].cpu())
         n = len(metrics)
         rows.append({"row": name, "compared": compared, "psnr_db": sum(m[0] for m in metrics) / n,

@@ -24,7 +24,8 @@ from sparvar.kernels.fused import add_norm
 from .generation import sample_top_k_top_p
 from .layers import FFN, AdaLNBeforeHead, SelfAttention, adaln_modulate, add_pending
 
-__all__ = ["InfinityConfig", "InfinityNet", "TextCondition", "rope_table", "bits_to_codes", "accumulate_codes"]
+__all__ = ["InfinityConfig", "InfinityNet", "TextCondition", "rope_table", "bits_to_codes", "accumulate_codes",
+           "token_scales"]
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,6 @@ class InfinityNet(nn.Module):
         #: and the fused path against it.
         self.fused: bool | None = None
 
-
     @property
     def use_fused(self) -> bool:
         return self.fused if self.fused is not None else self.pos_start.is_cuda
@@ -428,8 +428,7 @@ class InfinityNet(nn.Module):
             nxt, carry = self.next_features(step, bits[step], carry)
             inputs.append(self.word_embed(nxt))
         x = torch.cat(inputs, dim=1)
-        sizes = [h * w for h, w in self.grids]
-        level = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), torch.tensor(sizes, device=x.device))
+        level = token_scales(self.grids, x.device)
         if attend is None:
             mask = level[:, None] >= level[None, :]
 
@@ -442,6 +441,13 @@ class InfinityNet(nn.Module):
                 x = x + self.lvl_embed(level)
             x = block(x, cond, attend)
         return self.logits(x, state)
+
+
+def token_scales(grids, device=None) -> torch.Tensor:
+    """The scale index of every token of ``grids`` (raster order, scales concatenated), ``[L]``:
+    teacher forcing's block-causal rule is ``scales[query] >= scales[key]``."""
+    sizes = torch.tensor([h * w for h, w in grids], device=device)
+    return torch.repeat_interleave(torch.arange(len(grids), device=device), sizes)
 
 
 def accumulate_codes(carry: torch.Tensor | None, bits: torch.Tensor, hw: tuple[int, int], last_hw: tuple[int, int],

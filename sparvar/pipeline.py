@@ -102,7 +102,7 @@ def _net(preset: ModelPreset, schedule: Schedule, resolution: tuple[int, int]):
         return VARNet(cfg), VQInput(cfg)
     cfg = TINY_INFINITY if preset.family == "tiny" else InfinityConfig.preset(preset.name)
     net = InfinityNet(cfg)
-    if preset.family in ("tiny", "small"):
+    if preset.family == "tiny":
         reference = schedule.grids[-1]
     else:
         reference = infinity_reference_grid(*resolution)

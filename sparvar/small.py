@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import SparvarError
-from .infinity_net import InfinityConfig, InfinityNet, TextCondition
+from .infinity_net import InfinityConfig, InfinityNet
 from .tokenizer import PatchTokenizer
 
 __all__ = ["SMALL_CONFIG", "PATCH", "DEFAULT_WEIGHTS", "SmallModel", "load_small", "save_small"]
@@ -42,11 +42,6 @@ class SmallModel:
 
     def __init__(self, net: InfinityNet, tokenizer: PatchTokenizer, classes: torch.Tensor, meta: dict):
         self.net, self.tokenizer, self.classes, self.meta = net, tokenizer, classes, meta
-
-    def condition(self, labels) -> TextCondition:
-        """Class labels -> their text features as prompts."""
-        feats = [self.classes[int(c)] for c in labels]
-        return TextCondition.from_features(feats)
 
 
 def save_small(path: str | Path, model: SmallModel) -> None:

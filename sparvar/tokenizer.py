@@ -65,6 +65,10 @@ class PatchTokenizer(nn.Module):
         """Multi-scale residual quantisation of ``images`` on ``grids`` (coarse to fine, the last
         one ``(H/p, W/p)``): per scale the bits ``[N, h*w, d]`` (0/1, float), the tokens an
         ``InfinityNet`` with this ``codebook_dim`` generates."""
+        return self._quantise(images, grids)[0]
+
+    def _quantise(self, images: torch.Tensor, grids) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``encode``'s bits and their summed codes ``[N, d, 1, h, w]``."""
         f = self.features(images)
         if tuple(grids[-1]) != tuple(f.shape[-2:]):
             raise ValueError(f"the last grid must be the latent map's {tuple(f.shape[-2:])}, got {tuple(grids[-1])}")
@@ -75,7 +79,7 @@ class PatchTokenizer(nn.Module):
             bits = (r > 0).to(f.dtype).flatten(2).transpose(1, 2)
             out.append(bits)
             carry = accumulate_codes(carry, bits, tuple(hw), tuple(grids[-1]), d)
-        return out
+        return out, carry
 
     def decode(self, summed_codes: torch.Tensor) -> torch.Tensor:
         """Summed codes ``[N, d, 1, h, w]`` (``GenerationResult.features``) or ``[N, d, h, w]`` ->
@@ -89,10 +93,7 @@ class PatchTokenizer(nn.Module):
 
     def reconstruct(self, images: torch.Tensor, grids) -> torch.Tensor:
         """``decode`` of ``encode``: what the tokenizer keeps of ``images``."""
-        carry = None
-        for hw, bits in zip(grids, self.encode(images, grids)):
-            carry = accumulate_codes(carry, bits, tuple(hw), tuple(grids[-1]), self.codebook_dim)
-        return self.decode(carry)
+        return self.decode(self._quantise(images, grids)[1])
 
     @classmethod
     def fit(cls, images: torch.Tensor, patch: int, codebook_dim: int, grids,

@@ -123,7 +123,6 @@ class VARNet(nn.Module):
         #: ``None`` (default) does where the weights are on a GPU.
         self.fused: bool | None = None
 
-
     @property
     def use_fused(self) -> bool:
         return self.fused if self.fused is not None else self.pos_start.is_cuda

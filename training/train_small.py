@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparvar.infinity_net import InfinityNet, TextCondition
+from sparvar.infinity_net import InfinityNet, TextCondition, token_scales
 from sparvar.models import get_model, resolve_schedule
 from sparvar.small import PATCH, SMALL_CONFIG, SmallModel, save_small
 from sparvar.tokenizer import PatchTokenizer
@@ -100,7 +100,8 @@ def init_for_training(net: InfinityNet, seed: int) -> None:
 
 
 def make_attend(levels: torch.Tensor, device: torch.device):
-    """Block-causal attention over the whole schedule: FlexAttention (compiled) on a GPU."""
+    """Block-causal attention over the whole schedule (``levels``: ``token_scales``):
+    FlexAttention (compiled) on a GPU."""
     if device.type != "cuda":
         return None  # InfinityNet.forward's SDPA with the dense mask
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -162,8 +163,7 @@ def main(argv=None) -> None:
     net = net.to(device).train()
     net.rope = net.rope.to(device)
     classes = torch.randn(len(images), cfg.text_maxlen, cfg.text_channels, generator=g)
-    levels = torch.repeat_interleave(torch.arange(len(grids)), torch.tensor([h * w for h, w in grids])).to(device)
-    attend = make_attend(levels, device)
+    attend = make_attend(token_scales(grids, device), device)
     decay = [p for n, p in net.named_parameters() if p.dim() == 2 and "embed" not in n]
     rest = [p for n, p in net.named_parameters() if not (p.dim() == 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
