@@ -119,9 +119,13 @@ def _launch(kernel, grid, name: str, config: KernelConfig, **kwargs):
 class _Launcher:
     """One kernel with a fixed grid and config. The first launch of each argument
     specialisation goes through Triton (compile, bind, launch); later ones call the compiled
-    kernel with the arguments in order, which skips Triton's per-call argument binding (most of
-    the host time of a launch with fifty arguments). ``spec`` must capture everything Triton
-    specialises on that can change between calls: strides, sizes, pointer alignment."""
+    kernel's runner with the arguments in order, which skips Triton's per-call argument binding
+    (most of the host time of a launch with fifty arguments). ``spec`` must capture everything
+    Triton specialises on that can change between calls: strides, sizes, pointer alignment.
+
+    A runner takes pointers as plain ints: Triton's launcher asks the driver about every tensor
+    it is given (``cuPointerGetAttribute``, one driver call per tensor) but passes an int through,
+    and every pointer here was checked when its plan was built (device) or is a plan's own table."""
 
     def __init__(self, kernel, grid, name: str, config: KernelConfig):
         self.kernel, self.grid, self.name, self.config = kernel, grid, name, config
@@ -129,17 +133,23 @@ class _Launcher:
         self.names = getattr(kernel, "fn", kernel).arg_names
         self._runners: dict = {}
 
-    def __call__(self, spec, args: list) -> None:
-        """``args``: every argument in the kernel's order, flags the heuristics derive included."""
-        runner = self._runners.get(spec)
-        if runner is not None:
-            runner(*args)
-            return
+    def runner(self, spec):
+        """The compiled kernel's runner for ``spec`` (arguments in order, pointers as ints), or
+        ``None`` before ``first`` has launched that specialisation."""
+        return self._runners.get(spec)
+
+    def first(self, spec, args: list) -> None:
+        """Launch through Triton, compiling if needed. ``args``: every argument in the kernel's
+        order, tensors as tensors, flags the heuristics derive included."""
         kwargs = {n: a for n, a in zip(self.names, args) if n not in self.heuristics}
         compiled = _launch(self.kernel, self.grid, self.name, self.config, **kwargs)
         if compiled is not None and not interpreting():
             # The compiled kernel's runner reads all three grid dimensions.
             self._runners[spec] = compiled[tuple(self.grid) + (1,) * (3 - len(self.grid))]
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 _NO_STRIDES = (0, 0, 0, 0)
@@ -180,6 +190,8 @@ class AttentionLaunch:
             TOKEN_MASK=kv_bits is not None, HAS_BANDS=tile_band is not None)
         names = self._launcher.names
         self._template = [fixed.get(n) for n in names]
+        # The same with the tables as ints, for runners (the tables live as long as the plan).
+        self._pointers = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._template]
         at = names.index
         self._tensors = at("q")  # q, k, v, o, lse, res are consecutive
         self._kept = at("kept")
@@ -213,22 +225,32 @@ class AttentionLaunch:
                     t.fill_(float("nan"))
         n_keep, n_src = (kept.shape[2], kept.shape[1]) if kept is not None else (0, 1)
         L = k.shape[2]
-        args = self._template.copy()
+        ptrs = (q.data_ptr(), k.data_ptr(), _pointer(v), _pointer(out), _pointer(lse), _pointer(res))
+        p_kept = _pointer(kept)
+        # Triton specialises each pointer on whether it is 16-byte aligned: one bit per pointer.
+        align = (ptrs[0] & 15 == 0) | (ptrs[1] & 15 == 0) << 1
+        if v is not None:
+            align |= (ptrs[2] & 15 == 0) << 2
+        if res is not None:
+            align |= (ptrs[5] & 15 == 0) << 3
+        if kept is not None:
+            align |= (p_kept & 15 == 0) << 4
+        spec = (strides, L, NQ, n_keep, n_src, align)
+        runner = self._launcher.runner(spec)
+        if runner is None:
+            args, tensors, kept_arg = self._template.copy(), (q, k, v, out, lse, res), kept
+        else:
+            args, tensors, kept_arg = self._pointers.copy(), ptrs, p_kept
         i = self._tensors
-        args[i:i + 6] = q, k, v, out, lse, res
-        args[self._kept] = kept
+        args[i:i + 6] = tensors
+        args[self._kept] = kept_arg
         args[self._strides:self._strides + 20] = strides
         i_l, i_nq, i_keep, i_src, i_scale = self._sizes
         args[i_l], args[i_nq], args[i_keep], args[i_src], args[i_scale] = L, NQ, n_keep, n_src, scale * LOG2E
-        # Triton specialises each pointer on whether it is 16-byte aligned: one bit per pointer.
-        align = (q.data_ptr() & 15 == 0) | (k.data_ptr() & 15 == 0) << 1
-        if v is not None:
-            align |= (v.data_ptr() & 15 == 0) << 2
-        if res is not None:
-            align |= (res.data_ptr() & 15 == 0) << 3
-        if kept is not None:
-            align |= (kept.data_ptr() & 15 == 0) << 4
-        self._launcher((strides, L, NQ, n_keep, n_src, align), args)
+        if runner is None:
+            self._launcher.first(spec, args)
+        else:
+            runner(*args)
         return out, lse
 
 

@@ -353,7 +353,15 @@ def test_gpu_fast_launch_matches_the_first_launch():
         (q, k, v), _ = make_qkv(s, 9, 2, 4, 64, torch.bfloat16, 0, strided=strided, device="cuda")
         outs = [K.csla_attention(q, k, v, s, 9) for _ in range(3)]
         assert all(torch.equal(outs[0], o) for o in outs[1:])
+        csla_first = outs[0]
         (qd, kd, vd), _ = make_qkv(s, 7, 2, 4, 64, torch.bfloat16, 1, strided=strided, device="cuda")
         _, state = K.cs4a_decide(qd, kd, vd, s, 7, params)
         outs = [K.cs4a_sparse(q, k, v, s, 9, params, state) for _ in range(3)]
         assert all(torch.equal(outs[0], o) for o in outs[1:])
+        # Fast launches pass pointers as ints: new tensors must be read, not the first call's.
+        q2 = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device).copy_(q.flip(2))
+        fast = K.csla_attention(q2, k, v, s, 9), K.cs4a_sparse(q2, k, v, s, 9, params, state)
+        K.clear_plans()
+        fresh = K.csla_attention(q2, k, v, s, 9), K.cs4a_sparse(q2, k, v, s, 9, params, state)
+        assert all(torch.equal(a, b) for a, b in zip(fast, fresh))
+        assert not torch.equal(fast[0], csla_first) and not torch.equal(fast[1], outs[0])
