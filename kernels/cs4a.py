@@ -104,8 +104,8 @@ def select_keys(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     return select_topk_fwd(scores.float(), n_keep)
 
 
-def _group_launch(q, k, v, schedule, step, params, config, name: str, epilogue: Epilogue = Epilogue.NONE
-                  ) -> AttentionLaunch:
+def _group_launch(q, k, v, schedule, step, params, config, name: str, epilogue: Epilogue = Epilogue.NONE,
+                  kept_packed: bool = False) -> AttentionLaunch:
     """Validate the inputs and build a CS4A attention launch over ``group_tiles``."""
     check_step_inputs(q, k, v, schedule, step)
     check_kernel_inputs(q, k, v)
@@ -117,7 +117,7 @@ def _group_launch(q, k, v, schedule, step, params, config, name: str, epilogue: 
                                                                   schedule.grids[step]))
     return AttentionLaunch(**_launch_args(q), config=config, name=name, q_idx=tiles.q_idx, tile_src=tiles.tile_src,
                            tile_band=tiles.tile_band, row_band=tiles.row_band, epilogue=epilogue, res_idx=res_idx,
-                           res_w=res_w)
+                           res_w=res_w, kept_packed=kept_packed)
 
 
 def selected_residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, step: int,
@@ -211,6 +211,20 @@ def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
                         lambda: _group_launch(q, k, v, schedule, step, params, cfg, "cs4a_sparse", epilogue))
     kept, res = _state_tables(state, q, schedule, params)
     return launch(q, k, v, scale, kept=kept, res=res)[0]
+
+
+def pack_kept(k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """K and V rows of every group's kept keys, contiguous: ``[B*H, G, 2, NKP, D]`` in ``k``'s
+    dtype, NKP = n_keep rounded up to 128 (rows past n_keep are zero; the kernel never allows
+    them). ``kept``: ``[B, H, G, n_keep]``."""
+    B, H, G, nk = kept.shape
+    D = k.shape[-1]
+    nkp = -(-nk // 128) * 128
+    idx = kept.reshape(B, H, G * nk).long()[..., None].expand(-1, -1, -1, D)
+    out = k.new_zeros(B * H, G, 2, nkp, D)
+    out[:, :, 0, :nk] = torch.gather(k, 2, idx).reshape(B * H, G, nk, D)
+    out[:, :, 1, :nk] = torch.gather(v.to(k.dtype), 2, idx).reshape(B * H, G, nk, D)
+    return out
 
 
 def _state_tables(state: CS4AState, q: torch.Tensor, schedule: Schedule, params: CS4AParams):

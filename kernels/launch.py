@@ -175,7 +175,7 @@ class AttentionLaunch:
                  tile_src: torch.Tensor | None = None, tile_band: torch.Tensor | None = None,
                  row_band: torch.Tensor | None = None, epilogue: Epilogue = Epilogue.NONE,
                  res_idx: torch.Tensor | None = None, res_w: torch.Tensor | None = None,
-                 store_lse: bool = False, values: bool = True):
+                 store_lse: bool = False, values: bool = True, kept_packed: bool = False):
         B, H = batch_heads
         self.values, self.store_lse, self.has_kept = values, store_lse, tile_src is not None
         self._launcher = _Launcher(_sparse_attn_fwd_kernel, (q_idx.shape[0], B * H), name, config)
@@ -187,7 +187,7 @@ class AttentionLaunch:
             KV_DENSE=kv_dense, EPILOGUE=int(epilogue), IEEE=dtype == torch.float32,
             # What the heuristics derive from absent tensors, fixed for this launch's callers.
             HAS_V=values, STORE_LSE=store_lse, HAS_KEPT=self.has_kept, HAS_LIST=kv_idx is not None,
-            TOKEN_MASK=kv_bits is not None, HAS_BANDS=tile_band is not None)
+            TOKEN_MASK=kv_bits is not None, HAS_BANDS=tile_band is not None, KEPT_PACKED=kept_packed)
         names = self._launcher.names
         self._template = [fixed.get(n) for n in names]
         # The same with the tables as ints, for runners (the tables live as long as the plan).
@@ -202,8 +202,9 @@ class AttentionLaunch:
             raise RuntimeError("_sparse_attn_fwd_kernel's argument order changed; update AttentionLaunch")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float, *,
-                 kept: torch.Tensor | None = None, res: torch.Tensor | None = None):
-        """``(out or None, lse or None)``; ``kept`` ``[B*H, n_src_groups, n_keep]`` int32,
+                 kept: torch.Tensor | None = None, res: torch.Tensor | None = None, n_keep: int = 0):
+        """``(out or None, lse or None)``; ``kept`` ``[B*H, n_src_groups, n_keep]`` int32 (with
+        ``kept_packed``: ``[B*H, n_src_groups, 2, NKP, D]`` K and V rows of ``n_keep`` kept keys),
         ``res`` ``[B, H, n, D]`` (the residual to up-sample, or the dense output)."""
         B, H, NQ, D = q.shape
         out = lse = None
@@ -223,7 +224,9 @@ class AttentionLaunch:
             for t in (out, lse):
                 if t is not None:
                     t.fill_(float("nan"))
-        n_keep, n_src = (kept.shape[2], kept.shape[1]) if kept is not None else (0, 1)
+        n_src = kept.shape[1] if kept is not None else 1
+        if not n_keep:
+            n_keep = kept.shape[2] if kept is not None else 0
         L = k.shape[2]
         ptrs = (q.data_ptr(), k.data_ptr(), _pointer(v), _pointer(out), _pointer(lse), _pointer(res))
         p_kept = _pointer(kept)

@@ -85,7 +85,7 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
                 BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, NWORDS: tl.constexpr,
                 KV_DENSE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_LIST: tl.constexpr,
                 TOKEN_MASK: tl.constexpr, HAS_BANDS: tl.constexpr, HAS_V: tl.constexpr,
-                SAFE: tl.constexpr, IEEE: tl.constexpr):
+                SAFE: tl.constexpr, IEEE: tl.constexpr, KEPT_PACKED: tl.constexpr):
     """The online softmax over every key the tile visits; ``bad`` flags rows poisoned by a
     non-finite value row (checked only when ``SAFE``)."""
     o_m = tl.arange(0, BM)
@@ -102,7 +102,18 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
             acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, all_rows & m_n[None, :],
                                                stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
                                                SAFE, IEEE)
-    if HAS_KEPT:
+    if KEPT_PACKED:
+        # ``kept`` holds the kept keys' K then V rows, ``[BH, n_src, 2, NKP, D]`` (NKP: n_keep
+        # rounded up to 128, rows past n_keep zero and never allowed): streamed like dense keys.
+        src = tl.load(tile_src + i_t).to(tl.int64)
+        nkp = (n_keep + 127) // 128 * 128
+        p_kk = kept + (i_bh.to(tl.int64) * n_src + src) * 2 * nkp * D
+        for start in range(0, n_keep, BN):
+            o_n = start + o_bn
+            m_n = o_n < n_keep
+            acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, p_kk, p_kk + nkp * D, o_n, m_n,
+                                               all_rows & m_n[None, :], D, 1, D, 1, qk_scale, D, HAS_V, SAFE, IEEE)
+    elif HAS_KEPT:
         src = tl.load(tile_src + i_t).to(tl.int64)
         p_kept = kept + (i_bh.to(tl.int64) * n_src + src) * n_keep
         for start in range(0, n_keep, BN):
@@ -156,7 +167,7 @@ def _tile(q, k, v, o, lse, res, q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, 
           BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, NWORDS: tl.constexpr, KV_DENSE: tl.constexpr,
           EPILOGUE: tl.constexpr, IEEE: tl.constexpr, SAFE: tl.constexpr, HAS_V: tl.constexpr,
           STORE_LSE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_LIST: tl.constexpr, TOKEN_MASK: tl.constexpr,
-          HAS_BANDS: tl.constexpr):
+          HAS_BANDS: tl.constexpr, KEPT_PACKED: tl.constexpr):
     """Attention of query tile ``i_t`` of (batch, head) ``i_bh``, stored; returns whether the
     result holds anything non-finite (only looked at when ``SAFE`` is off)."""
     i_b, i_h = i_bh // H, i_bh % H
@@ -174,7 +185,7 @@ def _tile(q, k, v, o, lse, res, q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, 
     acc, m_i, l_i, bad = _visit_keys(
         b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band, i_t, i_bh,
         stride_kl, stride_kd, stride_vl, stride_vd, L, NK, n_keep, n_src, NB, qk_scale,
-        BM, BN, D, NWORDS, KV_DENSE, HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, HAS_V, SAFE, IEEE)
+        BM, BN, D, NWORDS, KV_DENSE, HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, HAS_V, SAFE, IEEE, KEPT_PACKED)
     # x * 0 is 0 for a finite x and NaN otherwise.
     nonfinite = tl.sum(tl.where(m_q[:, None], (acc * 0.0 != 0).to(tl.int32), 0)) > 0
 
@@ -230,6 +241,7 @@ def _sparse_attn_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, NWORDS: tl.constexpr, KV_DENSE: tl.constexpr,
     EPILOGUE: tl.constexpr, IEEE: tl.constexpr, HAS_V: tl.constexpr, STORE_LSE: tl.constexpr,
     HAS_KEPT: tl.constexpr, HAS_LIST: tl.constexpr, TOKEN_MASK: tl.constexpr, HAS_BANDS: tl.constexpr,
+    KEPT_PACKED: tl.constexpr,
 ):
     """One program per (query tile, batch*head). The tile is computed without any check; if its
     result holds anything non-finite (rare: only non-finite inputs do that), the same program
@@ -241,7 +253,7 @@ def _sparse_attn_fwd_kernel(
                       stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd, stride_ob, stride_oh,
                       stride_ol, stride_od, stride_rb, stride_rh, stride_rl, stride_rd, H, L, NQ, NK, n_keep,
                       n_src, NB, qk_scale, BM, BN, D, NWORDS, KV_DENSE, EPILOGUE, IEEE, False, HAS_V, STORE_LSE,
-                      HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS)
+                      HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, KEPT_PACKED)
     if HAS_V:
         if nonfinite:
             _tile(q, k, v, o, lse, res, q_idx, kv_idx, kv_len, kv_bits, kept, tile_src, tile_band, row_band,
@@ -249,7 +261,7 @@ def _sparse_attn_fwd_kernel(
                   stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd, stride_ob, stride_oh,
                   stride_ol, stride_od, stride_rb, stride_rh, stride_rl, stride_rd, H, L, NQ, NK, n_keep,
                   n_src, NB, qk_scale, BM, BN, D, NWORDS, KV_DENSE, EPILOGUE, IEEE, True, HAS_V, STORE_LSE,
-                  HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS)
+                  HAS_KEPT, HAS_LIST, TOKEN_MASK, HAS_BANDS, KEPT_PACKED)
 
 
 @triton.jit

@@ -1,0 +1,88 @@
+"""Check ``accelerate`` on an official Infinity model on the GPU, set up as the end-to-end
+benchmark sets it up (random weights, bf16 blocks, the rest fp32), and find the first place a
+generation goes non-finite: every block's output and every scale's logits are checked, eagerly
+(no CUDA graphs unless --graphs). Prints one line per scale and the first offender.
+
+    CUDA_LAUNCH_BLOCKING=1 python bench/accelerate_check.py --model infinity-2b [--graphs] [--fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import torch
+
+from sparvar import e2e, integrations
+from sparvar.dispatch import StepDispatcher
+from sparvar.generation import NextScaleGenerator
+from sparvar.infinity_net import InfinityConfig, TextCondition
+from sparvar.reference import Schedule, infinity_schedule
+
+TINY = InfinityConfig(depth=4, embed_dim=256, num_heads=2, text_channels=128, text_maxlen=32, codebook_dim=16,
+                      block_chunks=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="infinity-2b", help="a preset name, or 'tiny'")
+    ap.add_argument("--graphs", action="store_true")
+    ap.add_argument("--fp32", action="store_true", help="keep the official blocks in fp32")
+    ap.add_argument("--plan", default="dense")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    cfg = TINY if args.model == "tiny" else InfinityConfig.preset(args.model)
+    s = infinity_schedule("1.000", "1M")
+    model, vae = e2e.official_infinity(cfg, args.device, compiled_norms=False)
+    if args.fp32:
+        for block in model.unregistered_blocks:
+            block.float()
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    print(f"official model: depth {cfg.depth}, width {cfg.embed_dim}, parameter dtypes {dtypes}", flush=True)
+    fast = integrations.accelerate(model, plan=args.plan)
+    net = fast.net
+    net.set_schedule(s.grids, s.grids[-1])
+    g = torch.Generator().manual_seed(0)
+    text = TextCondition.from_features([torch.randn(24, cfg.text_channels, generator=g).to(args.device)])
+    first: list[str] = []
+    step_now = [0]
+
+    def check(name):
+        def hook(_module, _inputs, out):
+            t = out[0] if isinstance(out, tuple) else out
+            if isinstance(t, torch.Tensor) and not first and not torch.isfinite(t).all():
+                first.append(f"scale {step_now[0]}: {name} output non-finite "
+                             f"({(~torch.isfinite(t)).sum().item()} of {t.numel()}, dtype {t.dtype})")
+        return hook
+    if not args.graphs:
+        for name, module in net.named_modules():
+            if name:
+                module.register_forward_hook(check(name))
+    real_logits, real_sample = net.logits, net.sample
+
+    def logits(x, state):
+        out = real_logits(x, state)
+        if args.graphs:
+            return out
+        ok = torch.isfinite(out).all().item()
+        print(f"scale {step_now[0]:>2}: x {x.dtype} |x|max {x.float().abs().max().item():.3g} logits finite {ok}",
+              flush=True)
+        return out
+
+    def sample(lg, generator, top_k, top_p):
+        res = real_sample(lg, generator, top_k, top_p)
+        step_now[0] += 1
+        return res
+    net.logits, net.sample = logits, sample
+    gen = NextScaleGenerator(net, Schedule(s.grids), StepDispatcher(None, Schedule(s.grids)), graphs=args.graphs)
+    try:
+        gen.generate(TextCondition(text.kv_compact.float(), text.lens, text.cu_seqlens, text.max_len), seed=0,
+                     cfg=[3.0] * s.num_scales, top_k=2, top_p=0.97)
+        print("generation finished", flush=True)
+    except Exception:
+        traceback.print_exc()
+    print("first non-finite:", first[0] if first else "none")
+
+
+if __name__ == "__main__":
+    main()
