@@ -27,11 +27,10 @@ from sparvar.kernels.config import KernelConfig
 from sparvar.kernels.sparse_attn import Epilogue
 from sparvar.timing import time_gpu
 
-SPARSE_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3),
-                  (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3)]
-DENSE_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-SCORE_CONFIGS = [(64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3), (32, 128, 4, 3)]
-SELECT_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)]
+SPARSE_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3)]
+DENSE_CONFIGS = [(128, 64, 8, 3)]
+SCORE_CONFIGS = [(64, 128, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3), (32, 128, 4, 3)]
+SELECT_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
 
 
 def _tflops(B, H, nq, nk, density, D, ms):
@@ -67,8 +66,8 @@ def main() -> None:
         qd, kd, vd = inputs(d)
         _, state = K.cs4a_decide(qd, kd, vd, s, d, p)
         nk = state.kept.shape[-1]
-        packed = C.pack_kept(kd, vd, state.kept)
-        row(H, d, "pack_kept", None, time_gpu(lambda: C.pack_kept(kd, vd, state.kept)).ms,
+        packed = K.pack_kept(kd, vd, state.kept)
+        row(H, d, "pack_kept", None, time_gpu(lambda: K.pack_kept(kd, vd, state.kept)).ms,
             mib=round(packed.numel() * packed.element_size() / 2**20, 1))
         # Decision step passes.
         row(H, d, "cudnn_dense", None, time_gpu(lambda: torch.nn.functional.scaled_dot_product_attention(
@@ -99,15 +98,14 @@ def main() -> None:
             row(H, step, "cudnn_dense", None, time_gpu(lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v)).ms, 1.0)
             ref = K.cs4a_sparse(q, k, v, s, step, p, state)
-            res = state.residual.reshape(B, H, -1, D)
             for c in SPARSE_CONFIGS:
                 cfg = KernelConfig(*c)
                 ms = time_gpu(lambda: K.cs4a_sparse(q, k, v, s, step, p, state, configs={C.Launch.CS4A_SPARSE: cfg})).ms
                 row(H, step, "sparse_indexed", c, ms, density)
-                lau = C._group_launch(q, k, v, s, step, p, cfg, "packed", Epilogue.ADD_RESIDUAL, kept_packed=True)
-                out = lau(q, k, v, 1.0, kept=packed, res=res, n_keep=nk)[0]
+                sparse = {C.Launch.CS4A_SPARSE: cfg}
+                out = K.cs4a_sparse(q, k, v, s, step, p, state, configs=sparse, packed=packed)
                 err = (out.float() - ref.float()).abs().max().item()
-                ms = time_gpu(lambda: lau(q, k, v, 1.0, kept=packed, res=res, n_keep=nk)).ms
+                ms = time_gpu(lambda: K.cs4a_sparse(q, k, v, s, step, p, state, configs=sparse, packed=packed)).ms
                 row(H, step, "sparse_packed", c, ms, density, max_err_vs_indexed=round(err, 5))
             for c in DENSE_CONFIGS:
                 cfg = KernelConfig(*c)

@@ -47,29 +47,49 @@ class Epilogue(IntEnum):
 @triton.jit
 def _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, allowed, stride_kl, stride_kd, stride_vl,
                   stride_vd, qk_scale, D: tl.constexpr, HAS_V: tl.constexpr, SAFE: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  IEEE: tl.constexpr, MASKED: tl.constexpr, GUARD: tl.constexpr):
+    """One key block of the online softmax. ``MASKED``: apply ``m_n`` (keys) and ``allowed``
+    (pairs); a block whose every pair is allowed skips both. ``GUARD``: rows may have seen no
+    allowed key yet (m = -inf). Without it such a row turns NaN, which the fast pass's final
+    check catches and the ``SAFE`` redo (always guarded) computes right, so an unguarded pass is
+    exact whenever its result is finite."""
     o_d = tl.arange(0, D)
     o_n64 = o_n.to(tl.int64)
-    b_k = tl.load(k + o_n64[:, None] * stride_kl + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
+    if MASKED:
+        b_k = tl.load(k + o_n64[:, None] * stride_kl + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
+    else:
+        b_k = tl.load(k + o_n64[:, None] * stride_kl + o_d[None, :] * stride_kd)
     # [BM, BN]
     if IEEE:
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     else:
         b_s = tl.dot(b_q, tl.trans(b_k))
-    b_s = tl.where(allowed, b_s * qk_scale, float("-inf"))
+    if MASKED:
+        b_s = tl.where(allowed, b_s * qk_scale, float("-inf"))
+    else:
+        b_s = b_s * qk_scale
     m_new = tl.maximum(m_i, tl.max(b_s, 1))
-    # A row with nothing allowed yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if GUARD:
+        # A row with nothing allowed yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
     b_p = tl.exp2(b_s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     if HAS_V:
-        b_v = tl.load(v + o_n64[:, None] * stride_vl + o_d[None, :] * stride_vd, mask=m_n[:, None], other=0.0)
+        if MASKED:
+            b_v = tl.load(v + o_n64[:, None] * stride_vl + o_d[None, :] * stride_vd, mask=m_n[:, None], other=0.0)
+        else:
+            b_v = tl.load(v + o_n64[:, None] * stride_vl + o_d[None, :] * stride_vd)
         if SAFE:
             # x * 0 is 0 for a finite x and NaN otherwise.
             b_vz = b_v * 0.0
             v_bad = tl.max((b_vz != 0).to(tl.int32), 1) > 0
-            bad = bad | (tl.max((allowed & v_bad[None, :]).to(tl.int32), 1) > 0)
+            if MASKED:
+                bad = bad | (tl.max((allowed & v_bad[None, :]).to(tl.int32), 1) > 0)
+            else:
+                bad = bad | (tl.max(v_bad.to(tl.int32), 0) > 0)
             b_v = tl.where(b_vz == 0, b_v, 0.0)
         # [BM, D]
         if IEEE:
@@ -95,33 +115,53 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
     l_i = tl.zeros([BM], dtype=tl.float32)
     bad = o_m < 0
     all_rows = o_m[:, None] >= 0
+    # Dense and kept keys: every row may see every key of a block, and the first block gives
+    # each row at least one key, so full blocks run unmasked; the tail is masked. Unguarded
+    # where a NaN reaches the output check (values on, fast pass); the LSE-only pass has no redo.
     if KV_DENSE:
-        for start in range(0, L, BN):
-            o_n = start + o_bn
+        n_full = L // BN * BN
+        for start in range(0, n_full, BN):
+            acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, start + o_bn, None, None,
+                                               stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
+                                               SAFE, IEEE, False, SAFE or not HAS_V)
+        if n_full < L:
+            o_n = n_full + o_bn
             m_n = o_n < L
             acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, all_rows & m_n[None, :],
                                                stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
-                                               SAFE, IEEE)
+                                               SAFE, IEEE, True, SAFE or not HAS_V)
     if KEPT_PACKED:
         # ``kept`` holds the kept keys' K then V rows, ``[BH, n_src, 2, NKP, D]`` (NKP: n_keep
         # rounded up to 128, rows past n_keep zero and never allowed): streamed like dense keys.
         src = tl.load(tile_src + i_t).to(tl.int64)
         nkp = (n_keep + 127) // 128 * 128
         p_kk = kept + (i_bh.to(tl.int64) * n_src + src) * 2 * nkp * D
-        for start in range(0, n_keep, BN):
-            o_n = start + o_bn
+        n_full = n_keep // BN * BN
+        for start in range(0, n_full, BN):
+            acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, p_kk, p_kk + nkp * D, start + o_bn, None,
+                                               None, D, 1, D, 1, qk_scale, D, HAS_V, SAFE, IEEE, False,
+                                               SAFE or not HAS_V)
+        if n_full < n_keep:
+            o_n = n_full + o_bn
             m_n = o_n < n_keep
             acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, p_kk, p_kk + nkp * D, o_n, m_n,
-                                               all_rows & m_n[None, :], D, 1, D, 1, qk_scale, D, HAS_V, SAFE, IEEE)
+                                               all_rows & m_n[None, :], D, 1, D, 1, qk_scale, D, HAS_V, SAFE, IEEE,
+                                               True, SAFE or not HAS_V)
     elif HAS_KEPT:
         src = tl.load(tile_src + i_t).to(tl.int64)
         p_kept = kept + (i_bh.to(tl.int64) * n_src + src) * n_keep
-        for start in range(0, n_keep, BN):
-            m_n = start + o_bn < n_keep
-            o_n = tl.load(p_kept + start + o_bn, mask=m_n, other=0)
+        n_full = n_keep // BN * BN
+        for start in range(0, n_full, BN):
+            o_n = tl.load(p_kept + start + o_bn)
+            acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, None, None,
+                                               stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
+                                               SAFE, IEEE, False, SAFE or not HAS_V)
+        if n_full < n_keep:
+            m_n = n_full + o_bn < n_keep
+            o_n = tl.load(p_kept + n_full + o_bn, mask=m_n, other=0)
             acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, all_rows & m_n[None, :],
                                                stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
-                                               SAFE, IEEE)
+                                               SAFE, IEEE, True, SAFE or not HAS_V)
     if HAS_LIST:
         n_list = tl.load(kv_len + i_t)
         p_list = kv_idx + i_t.to(tl.int64) * NK
@@ -141,7 +181,7 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
                 allowed = allowed & (((b_word >> (o_m % 64).to(tl.int64)[:, None]) & 1) != 0)
             acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, allowed,
                                                stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
-                                               SAFE, IEEE)
+                                               SAFE, IEEE, True, True)
     if HAS_BANDS:
         for b in range(0, NB):
             p_tile = tile_band + (i_t.to(tl.int64) * NB + b) * 2
@@ -153,9 +193,10 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
                 o_n = start + o_bn
                 m_n = o_n <= hi
                 allowed = (o_n[None, :] >= r_lo[:, None]) & (o_n[None, :] <= r_hi[:, None]) & m_n[None, :]
+                # Kept keys came first (each row has seen one): guarded only in the redo.
                 acc, m_i, l_i, bad = _attend_block(acc, m_i, l_i, bad, b_q, k, v, o_n, m_n, allowed,
                                                    stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, D, HAS_V,
-                                                   SAFE, IEEE)
+                                                   SAFE, IEEE, True, SAFE or not HAS_V or not HAS_KEPT)
     return acc, m_i, l_i, bad
 
 

@@ -133,6 +133,13 @@ def test_selected_attention_and_sparse_step_given_reference_state(case, cfg, bh,
         ref_state = R.CS4AState(d, state.kept, None if state.residual is None else state.residual.double())
         want = R.cs4a_sparse(q64, k64, v64, s, step, params, ref_state, 0.4)
         assert_close(f"cs4a_sparse step {step}", got, want)
+        # The same with the kept rows streamed from a packed copy (made from this step's keys).
+        packed = K.pack_kept(k, v, state.kept.to(DEVICE))
+        got = K.cs4a_sparse(q, k, v, s, step, params, K_state(state, DEVICE), 0.4, configs=_configs(cfg),
+                            packed=packed)
+        assert_close(f"cs4a_sparse step {step}, packed", got, want)
+        with pytest.raises(ValueError, match="packed must be pack_kept"):
+            K.cs4a_sparse(q, k, v, s, step, params, K_state(state, DEVICE), 0.4, packed=packed[:, :, :1])
 
 
 def K_state(state, device):
