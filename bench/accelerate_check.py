@@ -30,15 +30,21 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="keep the official blocks in fp32")
     ap.add_argument("--plan", default="dense")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--as-e2e", action="store_true",
+                    help="as the end-to-end benchmark: compiled norms, the official model generates eagerly and "
+                         "patched first, then AcceleratedModel.generate (CUDA graphs)")
     args = ap.parse_args()
     cfg = TINY if args.model == "tiny" else InfinityConfig.preset(args.model)
     s = infinity_schedule("1.000", "1M")
-    model, vae = e2e.official_infinity(cfg, args.device, compiled_norms=False)
+    model, vae = e2e.official_infinity(cfg, args.device, compiled_norms=args.as_e2e)
     if args.fp32:
         for block in model.unregistered_blocks:
             block.float()
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     print(f"official model: depth {cfg.depth}, width {cfg.embed_dim}, parameter dtypes {dtypes}", flush=True)
+    if args.as_e2e:
+        as_e2e(model, vae, cfg, s, args.plan)
+        return
     fast = integrations.accelerate(model, plan=args.plan)
     net = fast.net
     net.set_schedule(s.grids, s.grids[-1])
@@ -82,6 +88,41 @@ def main() -> None:
     except Exception:
         traceback.print_exc()
     print("first non-finite:", first[0] if first else "none")
+
+
+def as_e2e(model, vae, cfg, s, plan) -> None:
+    g = torch.Generator().manual_seed(0)
+    text = TextCondition.from_features([torch.randn(24, cfg.text_channels, generator=g).cuda().bfloat16()])
+    text32 = TextCondition(text.kv_compact.float(), text.lens, text.cu_seqlens, text.max_len)
+    S = s.num_scales
+    sched = [(1, h, w) for h, w in s.grids]
+
+    def official_run():
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            return model.autoregressive_infer_cfg(
+                vae=vae, scale_schedule=sched, label_B_or_BLT=text32.as_tuple(), B=1, g_seed=0, cfg_list=[3.0] * S,
+                tau_list=[1.0] * S, top_k=900, top_p=0.97, returns_vemb=1, cfg_insertion_layer=[0], vae_type=1,
+                ret_img=False, inference_mode=True)
+    for what in ("official", "patched", "accelerated"):
+        try:
+            if what == "official":
+                official_run()
+            elif what == "patched":
+                integrations.patch(model, plan=plan)
+                official_run()
+                integrations.unpatch(model)
+            else:
+                fast = integrations.accelerate(model, plan=plan)
+                for _ in range(2):
+                    res = fast.generate(text32.as_tuple(), sched, [3.0] * S, [1.0] * S, g_seed=0, top_k=900,
+                                        top_p=0.97, reference_hw=s.grids[-1])
+                print("accelerated tokens finite:", all(torch.isfinite(t.float()).all().item() for t in res.tokens))
+            torch.cuda.synchronize()
+            print(f"{what}: ok", flush=True)
+        except Exception:
+            print(f"{what}: failed", flush=True)
+            traceback.print_exc()
+            return
 
 
 if __name__ == "__main__":
