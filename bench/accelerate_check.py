@@ -14,7 +14,6 @@ import traceback
 import torch
 
 from sparvar import e2e, integrations
-from sparvar.dispatch import StepDispatcher
 from sparvar.generation import NextScaleGenerator
 from sparvar.infinity_net import InfinityConfig, TextCondition
 from sparvar.reference import Schedule, infinity_schedule
@@ -30,6 +29,8 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="keep the official blocks in fp32")
     ap.add_argument("--plan", default="dense")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--fast-generate", action="store_true",
+                    help="AcceleratedModel.generate twice (CUDA graphs, as a user calls it), no official runs first")
     ap.add_argument("--as-e2e", action="store_true",
                     help="as the end-to-end benchmark: compiled norms, the official model generates eagerly and "
                          "patched first, then AcceleratedModel.generate (CUDA graphs)")
@@ -42,8 +43,8 @@ def main() -> None:
             block.float()
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     print(f"official model: depth {cfg.depth}, width {cfg.embed_dim}, parameter dtypes {dtypes}", flush=True)
-    if args.as_e2e:
-        as_e2e(model, vae, cfg, s, args.plan)
+    if args.as_e2e or args.fast_generate:
+        as_e2e(model, vae, cfg, s, args.plan, official=args.as_e2e)
         return
     fast = integrations.accelerate(model, plan=args.plan)
     net = fast.net
@@ -80,7 +81,7 @@ def main() -> None:
         step_now[0] += 1
         return res
     net.logits, net.sample = logits, sample
-    gen = NextScaleGenerator(net, Schedule(s.grids), StepDispatcher(None, Schedule(s.grids)), graphs=args.graphs)
+    gen = NextScaleGenerator(net, Schedule(s.grids), fast.source.dispatcher(Schedule(s.grids)), graphs=args.graphs)
     try:
         gen.generate(TextCondition(text.kv_compact.float(), text.lens, text.cu_seqlens, text.max_len), seed=0,
                      cfg=[3.0] * s.num_scales, top_k=2, top_p=0.97)
@@ -90,20 +91,25 @@ def main() -> None:
     print("first non-finite:", first[0] if first else "none")
 
 
-def as_e2e(model, vae, cfg, s, plan) -> None:
+def s_device(model) -> str:
+    return next(model.parameters()).device.type
+
+
+def as_e2e(model, vae, cfg, s, plan, official: bool) -> None:
     g = torch.Generator().manual_seed(0)
-    text = TextCondition.from_features([torch.randn(24, cfg.text_channels, generator=g).cuda().bfloat16()])
+    text = TextCondition.from_features([torch.randn(24, cfg.text_channels, generator=g).to(s_device(model)).bfloat16()])
     text32 = TextCondition(text.kv_compact.float(), text.lens, text.cu_seqlens, text.max_len)
     S = s.num_scales
     sched = [(1, h, w) for h, w in s.grids]
 
     def official_run():
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type=s_device(model), dtype=torch.bfloat16):
             return model.autoregressive_infer_cfg(
                 vae=vae, scale_schedule=sched, label_B_or_BLT=text32.as_tuple(), B=1, g_seed=0, cfg_list=[3.0] * S,
                 tau_list=[1.0] * S, top_k=900, top_p=0.97, returns_vemb=1, cfg_insertion_layer=[0], vae_type=1,
                 ret_img=False, inference_mode=True)
-    for what in ("official", "patched", "accelerated"):
+    where = [0, 0]
+    for what in ("official", "patched", "accelerated") if official else ("accelerated",):
         try:
             if what == "official":
                 official_run()
@@ -113,14 +119,24 @@ def as_e2e(model, vae, cfg, s, plan) -> None:
                 integrations.unpatch(model)
             else:
                 fast = integrations.accelerate(model, plan=plan)
-                for _ in range(2):
+                real_sample = fast.net.sample
+
+                def sample(*a):
+                    where[1] += 1
+                    return real_sample(*a)
+                fast.net.sample = sample
+                for i in range(2):
+                    where[:] = [i, 0]
+                    print(f"generation {i}", flush=True)
                     res = fast.generate(text32.as_tuple(), sched, [3.0] * S, [1.0] * S, g_seed=0, top_k=900,
                                         top_p=0.97, reference_hw=s.grids[-1])
                 print("accelerated tokens finite:", all(torch.isfinite(t.float()).all().item() for t in res.tokens))
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             print(f"{what}: ok", flush=True)
         except Exception:
-            print(f"{what}: failed", flush=True)
+            print(f"{what}: failed" + (f" in generation {where[0]} at scale {where[1] - 1}" if what == "accelerated"
+                                        else ""), flush=True)
             traceback.print_exc()
             return
 
