@@ -159,7 +159,11 @@ class NextScaleGenerator:
             raise ValueError(f"skip_last must be an int in [0, {S - 1}], got {skip_last!r}")
         block = next(self.net.blocks.parameters())
         # Reduced-precision blocks run under autocast, as the official inference scripts do.
-        with torch.autocast(device_type=block.device.type, dtype=block.dtype, enabled=block.dtype != torch.float32):
+        # Without autocast's cast cache: a graph captured in one generation would read the cached
+        # low-precision copies of fp32 weights that require grad (an official model's, shared by
+        # accelerate), which the cache frees when the generation ends (NaN from the next one on).
+        with torch.autocast(device_type=block.device.type, dtype=block.dtype, enabled=block.dtype != torch.float32,
+                            cache_enabled=False):
             return self._generate(cond, seed, cfg, top_k, top_p, skip_last, generator)
 
     def _generate(self, cond, seed, cfg, top_k, top_p, skip_last, generator) -> GenerationResult:

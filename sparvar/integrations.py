@@ -286,7 +286,8 @@ def accelerate(model: nn.Module, vae=None, plan: str | SparsityPlan = "default")
     if missing:
         raise SparvarError(f"the model's weights do not fit the project's network: missing {missing[:6]}")
     net.load_state_dict({k: state[k] for k in own}, strict=True, assign=True)
-    net.eval()
+    # Inference only: no autograd bookkeeping (the official model's own parameters keep theirs).
+    net.eval().requires_grad_(False)
     return AcceleratedModel(family, net, vae, plan)
 
 

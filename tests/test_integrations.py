@@ -99,6 +99,29 @@ def test_accelerated_infinity_equals_the_official_model_and_shares_its_weights()
     assert_close("summed codes", result.features.squeeze(-3), codes, torch.float32)
 
 
+@pytest.mark.gpu
+def test_gpu_accelerated_infinity_with_bf16_blocks_repeats_under_graphs():
+    """Set up as the inference script does (bf16 blocks, the rest fp32): the CUDA graphs the
+    first generation captures replay every later one exactly. Autocast's cast cache once freed
+    the bf16 copies of fp32 weights those graphs read: NaN from the second generation on."""
+    model, _ = official_infinity(INF)
+    model.cuda()
+    for block in model.unregistered_blocks:
+        block.bfloat16()
+    fast = integrations.accelerate(model, plan="dense")
+    kv, lens, cu, max_len = text_condition().as_tuple()
+    S = SCHEDULE.num_scales
+    runs = [fast.generate((kv.cuda(), lens, cu.cuda(), max_len), [(1, h, w) for h, w in SCHEDULE.grids], [3.0] * S,
+                          [1.0] * S, g_seed=5, top_k=900, top_p=0.97,
+                          reference_hw=infinity_schedule("1.000", "1M").grids[-1]) for _ in range(3)]
+    gen = next(iter(fast._generators.values()))
+    assert gen.graphs and gen._graphs and not gen.capture_failures
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run.tokens, runs[0].tokens))
+        assert torch.equal(run.features, runs[0].features)
+    assert torch.isfinite(runs[0].features).all()
+
+
 def test_var_patch_and_accelerate_match_the_official_model():
     var, vae = official_var(VAR_CFG)
     labels = torch.tensor([3, 7])
