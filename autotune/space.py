@@ -62,8 +62,8 @@ CPU_SPACE = {
     Launch.CSLA: {"block_m": [16, 64], "tile_w": [4, 8], "block_n": [16, 64], "num_warps": [4], "num_stages": [3]},
     Launch.CS4A_DENSE: {"backend": ["triton"], "block_m": [16, 128], "block_n": [16, 64], "num_warps": [8],
                         "num_stages": [3]},
-    Launch.CS4A_SCORES: {"block_m": [16, 64], "block_n": [16, 128], "num_warps": [8], "num_stages": [3]},
-    Launch.CS4A_SELECT: {"block_m": [16, 64], "block_n": [16, 32], "num_warps": [4], "num_stages": [3]},
+    Launch.CS4A_SCORES: {"block_m": [16, 64], "block_n": [16, 256], "num_warps": [8], "num_stages": [3]},
+    Launch.CS4A_SELECT: {"block_m": [16, 64], "block_n": [16, 64], "num_warps": [4], "num_stages": [3]},
     Launch.CS4A_SPARSE: {"block_m": [16, 64], "block_n": [16, 64], "num_warps": [4], "num_stages": [3]},
 }
 
