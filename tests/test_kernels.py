@@ -351,6 +351,40 @@ def test_plan_cache_matches_a_fresh_build_and_follows_every_change():
         K.csla_attention(torch.cat([q, q[:, :, :1]], 2), k, v, s, 2, params, 0.5)
 
 
+def test_fast_launch_arguments_are_the_first_launchs_with_pointers_as_ints(monkeypatch):
+    """The launch path after the first (a GPU's; the interpreter never takes it) passes the
+    arguments the first launch passed Triton, each tensor replaced by its ``data_ptr()``: the
+    same inputs, plan tables and sizes, the new outputs. Checked here by recording both."""
+    s, params = R.Schedule([(1, 1), (2, 2), (4, 4), (6, 6)]), R.CS4AParams(1, 4, 0.5, (3, 3))
+    (qd, kd, vd), _ = make_qkv(s, 1, 1, 2, 16, torch.float32, 0)
+    _, state = K.cs4a_decide(qd, kd, vd, s, 1, params)
+    (q, k, v), _ = make_qkv(s, 3, 1, 2, 16, torch.float32, 1, strided=True)
+    first_args, fast_args = [], []
+    first = launch._Launcher.first
+
+    def record_first(self, spec, args):
+        first_args.append((self.names, list(args)))
+        first(self, spec, args)
+    monkeypatch.setattr(launch._Launcher, "first", record_first)
+    monkeypatch.setattr(launch._Launcher, "runner",
+                        lambda self, spec: (lambda *a: fast_args.append(list(a))) if first_args else None)
+    for call in (lambda: K.csla_attention(q, k, v, s, 3), lambda: K.cs4a_sparse(q, k, v, s, 3, params, state)):
+        K.clear_plans()
+        first_args.clear()
+        fast_args.clear()
+        call()
+        call()
+        (names, want), got = first_args[0], fast_args[0]
+        assert len(got) == len(want) == len(names)
+        for name, a, b in zip(names, want, got):
+            if name in ("o", "lse"):  # each call's own new output
+                assert (a is None) == (b is None) and (b is None or isinstance(b, int)), name
+            elif isinstance(a, torch.Tensor):
+                assert b == a.data_ptr(), name
+            else:
+                assert b == a, name
+
+
 @pytest.mark.gpu
 def test_gpu_fast_launch_matches_the_first_launch():
     """After the first launch of a signature, calls skip Triton's binding: same bits, also when
