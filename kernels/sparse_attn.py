@@ -3,7 +3,8 @@
 A program owns one query tile (a row of ``q_idx``; CSLA tiles are 2-D patches) of one
 (batch, head) and runs an online softmax over the keys the tile visits:
 - ``KV_DENSE``: all ``L`` keys in order (the CS4A decision step's dense pass);
-- ``kept`` given: the kept keys of the tile's decision group (CS4A);
+- ``kept`` given: the kept keys of the tile's decision group (CS4A), by index, or with
+  ``KEPT_PACKED`` streamed from a contiguous copy of their K and V rows;
 - ``kv_idx`` given: the tile's key list, with ``kv_bits`` the per-(query, key) bits that make
   CSLA token-exact inside every computed block;
 - ``tile_band`` given: contiguous band ranges per scale, each row limited to its own range.
