@@ -25,6 +25,14 @@ LaunchConfigs = dict[Launch, KernelConfig]
 
 _PLANS = PlanCache()
 
+#: A packed copy pads each group's kept rows to a multiple of this; the kernel's ``KEPT_PACKED``
+#: path computes the same padding (``sparse_attn._visit_keys``).
+_PACK_ROWS = 128
+
+
+def _packed_rows(n_keep: int) -> int:
+    return -(-n_keep // _PACK_ROWS) * _PACK_ROWS
+
 
 def launch_config(configs: LaunchConfigs | None, launch: Launch) -> KernelConfig:
     """The config of ``launch`` in ``configs``, else its default."""
@@ -221,7 +229,7 @@ def cs4a_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Sch
     if packed is None:
         return launch(q, k, v, scale, kept=kept, res=res)[0]
     n_keep = kept.shape[2]
-    want = (kept.shape[0], kept.shape[1], 2, -(-n_keep // 128) * 128, q.shape[3])
+    want = (kept.shape[0], kept.shape[1], 2, _packed_rows(n_keep), q.shape[3])
     if tuple(packed.shape) != want or packed.dtype != k.dtype or packed.device != q.device:
         raise ValueError(f"packed must be pack_kept(k, v, state.kept): {list(want)} {k.dtype} on {q.device}, got "
                          f"{list(packed.shape)} {packed.dtype} on {packed.device}")
@@ -234,7 +242,7 @@ def pack_kept(k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor) -> torch.Ten
     them). ``kept``: ``[B, H, G, n_keep]``."""
     B, H, G, nk = kept.shape
     D = k.shape[-1]
-    nkp = -(-nk // 128) * 128
+    nkp = _packed_rows(nk)
     idx = kept.reshape(B, H, G * nk).long()[..., None].expand(-1, -1, -1, D)
     out = k.new_zeros(B * H, G, 2, nkp, D)
     out[:, :, 0, :nk] = torch.gather(k, 2, idx).reshape(B * H, G, nk, D)

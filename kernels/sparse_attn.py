@@ -133,7 +133,8 @@ def _visit_keys(b_q, b_qi64, m_q, k, v, kv_idx, kv_len, kv_bits, kept, tile_src,
                                                SAFE, IEEE, True, SAFE or not HAS_V)
     if KEPT_PACKED:
         # ``kept`` holds the kept keys' K then V rows, ``[BH, n_src, 2, NKP, D]`` (NKP: n_keep
-        # rounded up to 128, rows past n_keep zero and never allowed): streamed like dense keys.
+        # rounded up to 128 as cs4a._packed_rows does, rows past n_keep zero and never allowed):
+        # streamed like dense keys.
         src = tl.load(tile_src + i_t).to(tl.int64)
         nkp = (n_keep + 127) // 128 * 128
         p_kk = kept + (i_bh.to(tl.int64) * n_src + src) * 2 * nkp * D
