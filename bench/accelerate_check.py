@@ -103,11 +103,7 @@ def as_e2e(model, vae, cfg, s, plan, official: bool) -> None:
     sched = [(1, h, w) for h, w in s.grids]
 
     def official_run():
-        with torch.autocast(device_type=s_device(model), dtype=torch.bfloat16):
-            return model.autoregressive_infer_cfg(
-                vae=vae, scale_schedule=sched, label_B_or_BLT=text32.as_tuple(), B=1, g_seed=0, cfg_list=[3.0] * S,
-                tau_list=[1.0] * S, top_k=900, top_p=0.97, returns_vemb=1, cfg_insertion_layer=[0], vae_type=1,
-                ret_img=False, inference_mode=True)
+        return e2e.official_infinity_generate(model, vae, text32, s.grids, autocast=True)
     where = [0, 0]
     for what in ("official", "patched", "accelerated") if official else ("accelerated",):
         try:

@@ -90,6 +90,17 @@ def official_infinity(cfg: InfinityConfig, device: str, compiled_norms: bool):
     return model, SimpleNamespace(quantizer=quantizer)
 
 
+def official_infinity_generate(model, vae, text: TextCondition, grids, *, autocast: bool):
+    """One generation of an official Infinity model as its inference script calls it (guidance 3,
+    top-k 900, top-p 0.97, seed 0; bf16 autocast when ``autocast``), without decoding."""
+    S = len(grids)
+    with torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=autocast):
+        return model.autoregressive_infer_cfg(
+            vae=vae, scale_schedule=[(1, h, w) for h, w in grids], label_B_or_BLT=text.as_tuple(),
+            B=1, g_seed=0, cfg_list=[3.0] * S, tau_list=[1.0] * S, top_k=900, top_p=0.97, returns_vemb=1,
+            cfg_insertion_layer=[0], vae_type=1, ret_img=False, inference_mode=True)
+
+
 def _build_official(inf_mod, bsq, cfg: InfinityConfig, device: str):
     with torch.device(device):
         quantizer = bsq.MultiScaleBSQ(dim=cfg.codebook_dim, codebook_size=2 ** cfg.codebook_dim)
@@ -154,11 +165,7 @@ def _run_case(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, ker
     sched = [(1, h, w) for h, w in schedule.grids]
 
     def official_run():
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cuda):
-            return model.autoregressive_infer_cfg(
-                vae=vae, scale_schedule=sched, label_B_or_BLT=text32.as_tuple(),
-                B=1, g_seed=0, cfg_list=[3.0] * S, tau_list=[1.0] * S, top_k=900, top_p=0.97, returns_vemb=1,
-                cfg_insertion_layer=[0], vae_type=1, ret_img=False, inference_mode=True)
+        return official_infinity_generate(model, vae, text32, schedule.grids, autocast=cuda)
     record("official_eager", official_run)
     # "default": the tuned config of this GPU for the preset these shapes match (as for ours_sparse).
     integrations.patch(model, plan="default")
