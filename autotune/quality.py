@@ -35,8 +35,8 @@ from .setup import TuneSetup
 from .space import plan_units
 from .storage import create_study, open_storage
 
-__all__ = ["BUILTIN", "builtin_calibration", "load_calibration", "plan_error", "semantic_params", "run_quality_search", "make_calibration",
-           "first_calibration_step"]
+__all__ = ["BUILTIN", "builtin_calibration", "load_calibration", "plan_error", "semantic_params", "run_quality_search",
+           "make_calibration", "first_calibration_step"]
 
 
 def first_calibration_step(num_scales: int) -> int:
