@@ -132,13 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks on this GPU: attention at Infinity 1024 shapes, or whole generations",
                        description="attention: correctness first, then cuDNN and flash SDPA, FlexAttention with the "
                        "identical mask and the SparVAR kernels, timed as CUDA graph replays, with eager and host times "
-                       "beside. e2e: whole Infinity generations, the official code (plain, patched, accelerated) "
-                       "against the project's dense, sparse, skip-2 and ceiling paths, in one run.")
+                       "beside. e2e: whole Infinity (or VAR) generations, the official code (plain, patched, "
+                       "accelerated) against the project's dense, sparse, skip-2 and ceiling paths, in one run.")
     p.add_argument("what", nargs="?", choices=["attention", "e2e"], default="attention",
                    help="which benchmark (default: %(default)s)")
-    p.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"], help="e2e: models (default: both)")
-    p.add_argument("--resolutions", nargs="+", default=["1024x1024"], help="e2e: resolutions (default: 1024x1024)")
-    p.add_argument("--smoke", action="store_true", help="e2e: a small model on the CPU, to check the run")
+    p.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"], help="e2e: models (default: both Infinity presets; var-d16 .. var-d30 too)")
+    p.add_argument("--resolutions", nargs="+", default=["1024x1024"], help="e2e: Infinity resolutions (default: 1024x1024; VAR runs at 256x256)")
+    p.add_argument("--smoke", action="store_true", help="e2e: small models on the CPU, to check the run")
     p.add_argument("--heads", type=int, nargs="+", default=[16, 28], help="head counts (default: 16 28)")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 11, 12], help="query scales (default: 10 11 12)")
     p.add_argument("--out", default="bench/results", help="results folder (default: %(default)s)")

@@ -70,18 +70,23 @@ def test_weights_in_the_official_names_load(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_end_to_end_benchmark_runs_every_row_on_the_cpu(tmp_path, monkeypatch):
-    """``sparvar bench e2e --smoke``: the official model plain, patched and accelerated, and the
-    project's four paths, in one run (a small model; the times mean nothing on the CPU)."""
+    """``sparvar bench e2e --smoke``: the official Infinity model plain, patched and accelerated,
+    and the project's four paths, then the official VAR model plain, patched and accelerated
+    (dense and default plan), in one run (small models; the times mean nothing on the CPU)."""
     import json
 
     import upstream  # points SPARVAR_UPSTREAM at the official sources
 
     upstream.infinity_modules()  # skips, with the reason, where they are missing
+    upstream.var_modules()
     assert main(["bench", "e2e", "--smoke", "--out", str(tmp_path)]) == 0
-    rows = json.loads(next(tmp_path.rglob("e2e.json")).read_text())["runs"][0]["rows"]
-    assert [r["impl"] for r in rows] == ["ours_dense", "ours_sparse", "ours_sparse_skip2", "ceiling_sparse_noop",
-                                         "official_eager", "official_patched", "official_accelerated"]
-    assert all(r["ms"] > 0 for r in rows)
+    infinity, var = json.loads(next(tmp_path.rglob("e2e.json")).read_text())["runs"]
+    assert [r["impl"] for r in infinity["rows"]] == [
+        "ours_dense", "ours_sparse", "ours_sparse_skip2", "ceiling_sparse_noop", "official_eager", "official_patched",
+        "official_accelerated"]
+    assert [r["impl"] for r in var["rows"]] == ["official_eager", "official_patched", "official_accelerated_dense",
+                                                "official_accelerated"]
+    assert all(r["ms"] > 0 for r in infinity["rows"] + var["rows"])
 
 
 @pytest.mark.gpu
