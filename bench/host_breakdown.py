@@ -54,10 +54,12 @@ def main() -> None:
                     runner_us.append(host_us_per_call(lambda: runner(*args)))
             return stub
         L._Launcher.runner = no_launch
+        L.clear_plans()  # a plan keeps the runners it has used: rebuilt, it asks for the stub
         try:
             bare = host_us_per_call(fn)
         finally:
             L._Launcher.runner = real_runner
+            L.clear_plans()
         print(f"{name:<26} {whole:8.1f} {bare:10.1f} {runner_us[0] if runner_us else float('nan'):11.1f}")
 
 
