@@ -92,6 +92,12 @@ def run_attention_benchmark(heads=(16, 28), steps=(10, 11, 12), out_dir: str | P
     plan = R.default_plan(s, 32)
     d, csla, cs4a = plan.decision_scale, plan.csla, plan.cs4a
     rows = _Rows(B, D, host_calls)
+    result = {"gpu": gpu_name(), **software_versions(), "date": time.strftime("%Y-%m-%d"),
+              "timing": "ms: CUDA graph replay median; eager_ms: do_bench median of eager calls; host_us: median "
+                        "host time per eager call",
+              "shape": {"B": B, "D": D, "dtype": "bfloat16", "schedule": s.name}, "rows": rows.rows}
+    path = Path(out_dir) / sanitize(gpu_name()) / "attention.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     one = lambda *ts: (t[:, :1].double() for t in ts)  # noqa: E731 - the checked (batch, head) slice
     for H in heads:
         # One KV cache for the schedule: later steps continue the decision step's keys.
@@ -147,13 +153,7 @@ def run_attention_benchmark(heads=(16, 28), steps=(10, 11, 12), out_dir: str | P
                 rows.add(H, step, "runtime_cs4a_sparse", lambda: attn(0, step, q, k, v),
                          R.cs4a_pairs(s, step, cs4a), dense_pairs, float("nan"), cudnn, host=True)
             torch.cuda.empty_cache()
-    result = {"gpu": gpu_name(), **software_versions(), "date": time.strftime("%Y-%m-%d"),
-              "timing": "ms: CUDA graph replay median; eager_ms: do_bench median of eager calls; host_us: median "
-                        "host time per eager call",
-              "shape": {"B": B, "D": D, "dtype": "bfloat16", "schedule": s.name}, "rows": rows.rows}
-    path = Path(out_dir) / sanitize(gpu_name()) / "attention.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+            path.write_text(json.dumps(result, indent=2))  # rows so far: a run cut short keeps them
     print_table(result)
     print(f"wrote {path}")
     return result
