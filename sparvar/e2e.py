@@ -39,6 +39,7 @@ import torch
 from sparvar.reference import default_plan, infinity_schedule
 
 from . import integrations, official
+from .errors import SparvarError
 from .dispatch import StepDispatcher
 from .generation import NextScaleGenerator
 from .hardware import gpu_name, sanitize, software_versions
@@ -241,13 +242,10 @@ def run_e2e(models=("infinity-2b", "infinity-8b"), resolutions=("1024x1024",), r
     """Run the benchmark (module docstring) and write ``<out>/<gpu>/e2e.json``; ``smoke`` checks the
     whole run on the CPU with small models (its times mean nothing). ``resolutions`` are the
     Infinity models'; a VAR model runs at its preset's resolution."""
-    if not smoke and not torch.cuda.is_available():
-        raise SystemExit("the end-to-end benchmark needs a CUDA GPU (or --smoke on the CPU)")
     result = {"gpu": gpu_name(), **software_versions(), "date": time.strftime("%Y-%m-%d"),
               "timing": "whole generations: median of timed runs after a warm-up; per scale: with a synchronize "
                         "after each scale", "runs": []}
     path = Path(out) / sanitize(gpu_name()) / "e2e.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     device, runs = ("cpu", 1) if smoke else ("cuda", runs)
     cases = []  # (label, batch, run(rows, save))
     if smoke:
@@ -259,6 +257,9 @@ def run_e2e(models=("infinity-2b", "infinity-8b"), resolutions=("1024x1024",), r
                       partial(_run_var_case, "smoke var", VAR_SMOKE, device, runs, vae_channels=32)))
     for name in () if smoke else models:
         preset = get_model(name)
+        if preset.family not in ("infinity", "var"):
+            raise SparvarError(f"the end-to-end benchmark runs the official code's models (infinity-2b, infinity-8b, "
+                               f"var-d16 .. var-d30), got {name!r}")
         if preset.family == "var":
             label = f"{name} {preset.default_resolution}"
             cases.append((label, f"{len(VAR_LABELS)} classes, CFG {2 * len(VAR_LABELS)}",
@@ -272,6 +273,9 @@ def run_e2e(models=("infinity-2b", "infinity-8b"), resolutions=("1024x1024",), r
             cases.append((f"{name} {res}", "CFG 2", partial(
                 _run_case, f"{name} {res}", InfinityConfig.preset(name), s, infinity_reference_grid(h, w), plan,
                 kernels, device, runs)))
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("the end-to-end benchmark needs a CUDA GPU (or --smoke on the CPU)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     for label, batch, run in cases:
         entry = {"model": label, "batch": batch, "rows": []}
         result["runs"].append(entry)

@@ -163,3 +163,13 @@ def test_large_model_on_the_cpu_warns_with_an_estimate_first(capsys):
     assert "runs in Triton's interpreter: about" in err and "min per trial" in err and "--model tiny" in err
     _warn_if_slow_on_cpu(build_setup(AutotuneOptions(model="tiny")), 6)
     assert capsys.readouterr().err == ""
+
+
+def test_end_to_end_benchmark_names_a_model_it_cannot_run_and_writes_nothing(tmp_path, capsys):
+    """``sparvar bench e2e`` times the official code, which exists for Infinity and VAR only: any
+    other preset, an unknown name or a malformed resolution is named before anything runs."""
+    for argv, message in ((["--models", "tiny"], "runs the official code's models"),
+                          (["--models", "nope"], "unknown model 'nope'"),
+                          (["--models", "infinity-2b", "--resolutions", "12x"], "resolution must look like")):
+        one_line_error(capsys, ["bench", "e2e", *argv, "--out", str(tmp_path)], message)
+    assert not any(tmp_path.iterdir())
