@@ -2,12 +2,15 @@
 wall time of each, then one generation of each under ``torch.profiler`` (operations by host
 time and by GPU time). The model is built as ``sparvar bench e2e`` builds it. ``--alternate N``
 instead times plain, patched with the dense plan and patched with the default plan in turn,
-N rounds (medians), to tell the patch's own cost from the sparse kernels'.
+N rounds (medians), to tell the patch's own cost from the sparse kernels'; ``--python`` runs
+each of the three once under cProfile (Python time by function).
 
-    python bench/profile_official.py --model var-d30 [--top 15] [--alternate 5]
+    python bench/profile_official.py --model var-d30 [--top 15] [--alternate 5 | --python]
 """
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 
@@ -26,6 +29,9 @@ def main() -> None:
     ap.add_argument("--model", default="var-d30")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--alternate", type=int, default=0)
+    ap.add_argument("--python", action="store_true",
+                    help="cProfile one generation of each (plain, patched dense, patched default): Python time, "
+                         "which torch.profiler's operation tables do not show")
     args = ap.parse_args()
     var, _ = official_var(VARConfig.preset(get_model(args.model).depth), "cuda")
     opts = dict(B=len(VAR_LABELS), label_B=torch.tensor(VAR_LABELS, device="cuda"), g_seed=0, cfg=4.0, top_k=900,
@@ -35,6 +41,18 @@ def main() -> None:
         with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             var.autoregressive_infer_cfg(**opts)
         torch.cuda.synchronize()
+    if args.python:
+        for name in ("official", "dense", "default"):
+            integrations.unpatch(var)
+            if name != "official":
+                integrations.patch(var, plan=name)
+            run()
+            prof = cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.runcall(run)
+            print(f"== {name}: {(time.perf_counter() - t0) * 1e3:.1f} ms under cProfile")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+        return
     if args.alternate:
         times = {"official": [], "patched dense": [], "patched default": []}
         for _ in range(args.alternate):
