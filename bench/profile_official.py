@@ -41,11 +41,15 @@ def main() -> None:
         with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             var.autoregressive_infer_cfg(**opts)
         torch.cuda.synchronize()
+
+    def use(plan):
+        """The plain model (``None``) or the model patched with ``plan``."""
+        integrations.unpatch(var)
+        if plan is not None:
+            integrations.patch(var, plan=plan)
     if args.python:
-        for name in ("official", "dense", "default"):
-            integrations.unpatch(var)
-            if name != "official":
-                integrations.patch(var, plan=name)
+        for name, plan in (("official", None), ("dense", "dense"), ("default", "default")):
+            use(plan)
             run()
             prof = cProfile.Profile()
             t0 = time.perf_counter()
@@ -54,12 +58,11 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
         return
     if args.alternate:
-        times = {"official": [], "patched dense": [], "patched default": []}
+        plans = {"official": None, "patched dense": "dense", "patched default": "default"}
+        times = {name: [] for name in plans}
         for _ in range(args.alternate):
-            for name in times:
-                integrations.unpatch(var)
-                if name != "official":
-                    integrations.patch(var, plan=name.split()[1])
+            for name, plan in plans.items():
+                use(plan)
                 run()
                 t0 = time.perf_counter()
                 run()
@@ -69,7 +72,7 @@ def main() -> None:
         return
     for name in ("official", "patched"):
         if name == "patched":
-            integrations.patch(var, plan="default")
+            use("default")
             plan = default_plan(var_schedule(256), var.depth)  # no tuned VAR config: the default plan
             for layer in (0, var.depth - 1):
                 print(f"layer {layer} kinds by scale:", [plan.kind(layer, s).value for s in range(len(var.patch_nums))])

@@ -192,6 +192,7 @@ def _run_case(label: str, cfg: InfinityConfig, schedule, reference_hw, plan, ker
 
 #: The official VAR demo's classes (``demo_sample.ipynb``): one batch of 8, 16 rows with CFG.
 VAR_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
+VAR_BATCH = f"{len(VAR_LABELS)} classes, CFG {2 * len(VAR_LABELS)}"
 VAR_SMOKE = VARConfig(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4))
 
 
@@ -253,7 +254,7 @@ def run_e2e(models=("infinity-2b", "infinity-8b"), resolutions=("1024x1024",), r
         cases.append(("smoke 0.06M", "CFG 2", partial(
             _run_case, "smoke 0.06M", SMOKE, s, infinity_schedule("1.000", "1M").grids[-1],
             default_plan(s, SMOKE.depth), {}, device, runs)))
-        cases.append(("smoke var", f"{len(VAR_LABELS)} classes, CFG {2 * len(VAR_LABELS)}",
+        cases.append(("smoke var", VAR_BATCH,
                       partial(_run_var_case, "smoke var", VAR_SMOKE, device, runs, vae_channels=32)))
     for name in () if smoke else models:
         preset = get_model(name)
@@ -262,9 +263,8 @@ def run_e2e(models=("infinity-2b", "infinity-8b"), resolutions=("1024x1024",), r
                                f"var-d16 .. var-d30), got {name!r}")
         if preset.family == "var":
             label = f"{name} {preset.default_resolution}"
-            cases.append((label, f"{len(VAR_LABELS)} classes, CFG {2 * len(VAR_LABELS)}",
-                          partial(_run_var_case, label, VARConfig.preset(preset.depth), device, runs,
-                                  vae_channels=160)))
+            run = partial(_run_var_case, label, VARConfig.preset(preset.depth), device, runs, vae_channels=160)
+            cases.append((label, VAR_BATCH, run))
             continue
         for res in resolutions:
             h, w = parse_resolution(res, preset)
